@@ -1,0 +1,229 @@
+"""k-diffusion sampling loops driven by a step oracle.
+
+Each sampler has k-diffusion's signature plus ``oracle``; its body is k-diffusion's loop with the CFG model call
+replaced by a :class:`~adaptive_sampler.guidance.GuidedDenoiser` call. With :class:`~adaptive_sampler.oracles.FullCFG`
+(the default) every sampler gives k-diffusion's result on a plain CFG wrapper of the same model.
+
+``model`` is a k-diffusion denoiser (``model(x, sigma, cond=...)`` returns the denoised image); ``extra_args`` holds
+``cond``, ``uncond`` and ``cond_scale``, and any other key is passed to the model unchanged. Random numbers come
+from ``k_diffusion.sampling.torch`` (which A1111 redirects to its per-image seeded generator) or ``noise_sampler``.
+The callback receives k-diffusion's dict plus ``'decision'``; the oracle's ``decisions`` and ``summary()`` describe
+the finished run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from k_diffusion import sampling as ksampling
+from k_diffusion.sampling import BrownianTreeNoiseSampler, default_noise_sampler, get_ancestral_step, to_d
+from tqdm.auto import trange
+
+from .guidance import GuidedDenoiser, validate_sigmas
+from .oracles import Oracle
+
+__all__ = [
+    "sample_euler",
+    "sample_euler_ancestral",
+    "sample_dpmpp_2m",
+    "sample_dpmpp_2m_sde",
+    "sample_ddim",
+    "ddim_timesteps",
+    "get_sigmas_ddim",
+    "SAMPLERS",
+]
+
+Callback = Callable[[dict], Any] | None
+
+
+def _event(x, i, sigma, sigma_hat, denoised, guided: GuidedDenoiser) -> dict:
+    return {"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised,
+            "decision": guided.last_decision}
+
+
+def _check_real(name: str, value: Any, lo: float = 0.0) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value == value or value < lo:
+        raise ValueError(f"{name} must be a number >= {lo}, got {value!r}")
+
+
+@torch.no_grad()
+def sample_euler(model, x, sigmas, extra_args=None, callback: Callback = None, disable=None,
+                 oracle: Oracle | str | None = None, s_churn=0., s_tmin=0., s_tmax=float('inf'), s_noise=1.):
+    """Euler steps (Karras et al. 2022, Algorithm 2) under a step oracle."""
+    for name, value in (("s_churn", s_churn), ("s_noise", s_noise)):
+        _check_real(name, value)
+    guided = GuidedDenoiser(model, x, sigmas, extra_args, oracle, "euler")
+    s_in = x.new_ones([x.shape[0]])
+    for i in trange(len(sigmas) - 1, disable=disable):
+        gamma = min(s_churn / (len(sigmas) - 1), 2 ** 0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.
+        eps = ksampling.torch.randn_like(x) * s_noise
+        sigma_hat = sigmas[i] * (gamma + 1)
+        if gamma > 0:
+            x = x + eps * (sigma_hat ** 2 - sigmas[i] ** 2) ** 0.5
+        denoised = guided(x, sigma_hat * s_in, i)
+        d = to_d(x, sigma_hat, denoised)
+        if callback is not None:
+            callback(_event(x, i, sigmas[i], sigma_hat, denoised, guided))
+        dt = sigmas[i + 1] - sigma_hat
+        x = x + d * dt
+    return x
+
+
+@torch.no_grad()
+def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback: Callback = None, disable=None,
+                           oracle: Oracle | str | None = None, eta=1., s_noise=1., noise_sampler=None):
+    """Ancestral sampling with Euler steps under a step oracle.
+
+    A CACHED step reuses eps at a latent that received fresh noise since it was computed, so skipping is less
+    accurate here than on the deterministic samplers.
+    """
+    _check_real("eta", eta)
+    _check_real("s_noise", s_noise)
+    guided = GuidedDenoiser(model, x, sigmas, extra_args, oracle, "euler_ancestral")
+    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    s_in = x.new_ones([x.shape[0]])
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = guided(x, sigmas[i] * s_in, i)
+        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+        if callback is not None:
+            callback(_event(x, i, sigmas[i], sigmas[i], denoised, guided))
+        d = to_d(x, sigmas[i], denoised)
+        dt = sigma_down - sigmas[i]
+        x = x + d * dt
+        if sigmas[i + 1] > 0:
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback: Callback = None, disable=None,
+                    oracle: Oracle | str | None = None):
+    """DPM-Solver++(2M) under a step oracle. A CACHED step's prediction enters the multistep history like any other."""
+    guided = GuidedDenoiser(model, x, sigmas, extra_args, oracle, "dpmpp_2m")
+    s_in = x.new_ones([x.shape[0]])
+    sigma_fn = lambda t: t.neg().exp()  # noqa: E731  (as in k-diffusion)
+    t_fn = lambda sigma: sigma.log().neg()  # noqa: E731
+    old_denoised = None
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = guided(x, sigmas[i] * s_in, i)
+        if callback is not None:
+            callback(_event(x, i, sigmas[i], sigmas[i], denoised, guided))
+        t, t_next = t_fn(sigmas[i]), t_fn(sigmas[i + 1])
+        h = t_next - t
+        if old_denoised is None or sigmas[i + 1] == 0:
+            x = (sigma_fn(t_next) / sigma_fn(t)) * x - (-h).expm1() * denoised
+        else:
+            h_last = t - t_fn(sigmas[i - 1])
+            r = h_last / h
+            denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            x = (sigma_fn(t_next) / sigma_fn(t)) * x - (-h).expm1() * denoised_d
+        old_denoised = denoised
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback: Callback = None, disable=None,
+                        oracle: Oracle | str | None = None, eta=1., s_noise=1., noise_sampler=None,
+                        solver_type='midpoint'):
+    """DPM-Solver++(2M) SDE under a step oracle (Brownian-tree noise by default, as in k-diffusion)."""
+    if solver_type not in {'heun', 'midpoint'}:
+        raise ValueError(f"solver_type must be 'heun' or 'midpoint', got {solver_type!r}")
+    _check_real("eta", eta)
+    _check_real("s_noise", s_noise)
+    guided = GuidedDenoiser(model, x, sigmas, extra_args, oracle, "dpmpp_2m_sde")
+    sigma_min, sigma_max = sigmas[sigmas > 0].min(), sigmas.max()
+    noise_sampler = BrownianTreeNoiseSampler(x, sigma_min, sigma_max) if noise_sampler is None else noise_sampler
+    s_in = x.new_ones([x.shape[0]])
+    old_denoised = None
+    h_last = None
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = guided(x, sigmas[i] * s_in, i)
+        if callback is not None:
+            callback(_event(x, i, sigmas[i], sigmas[i], denoised, guided))
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            t, s = -sigmas[i].log(), -sigmas[i + 1].log()
+            h = s - t
+            eta_h = eta * h
+            x = sigmas[i + 1] / sigmas[i] * (-eta_h).exp() * x + (-h - eta_h).expm1().neg() * denoised
+            if old_denoised is not None:
+                r = h_last / h
+                if solver_type == 'heun':
+                    x = x + ((-h - eta_h).expm1().neg() / (-h - eta_h) + 1) * (1 / r) * (denoised - old_denoised)
+                else:
+                    x = x + 0.5 * (-h - eta_h).expm1().neg() * (1 / r) * (denoised - old_denoised)
+            if eta:
+                x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * eta_h).expm1().neg().sqrt() * s_noise
+        old_denoised = denoised
+        h_last = h
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(model, x, sigmas, extra_args=None, callback: Callback = None, disable=None,
+                oracle: Oracle | str | None = None, eta=0., noise_sampler=None):
+    """DDIM (Song et al. 2021) in k-diffusion's scaling, under a step oracle.
+
+    With ``x = x_vp / sqrt(alpha_bar)`` and ``sigma = sqrt((1 - alpha_bar) / alpha_bar)``, the DDIM update
+    ``x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - s_t^2) eps + s_t z`` becomes
+    ``x_next = x0 + sigma_down * eps + sigma_up * z``, where (sigma_down, sigma_up) is k-diffusion's ancestral split
+    of sigma_next scaled by ``eta`` (0 = deterministic DDIM, 1 = DDPM-like). Use :func:`get_sigmas_ddim` for the
+    DDIM timestep grid; the result is the latent at ``sigmas[-1]`` in k-diffusion scaling (multiply by
+    ``1 / sqrt(1 + sigmas[-1]**2)`` for the variance-preserving latent).
+    """
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
+        raise ValueError(f"eta must be a number in [0, 1] (0 = deterministic DDIM), got {eta!r}")
+    guided = GuidedDenoiser(model, x, sigmas, extra_args, oracle, "ddim")
+    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    s_in = x.new_ones([x.shape[0]])
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = guided(x, sigmas[i] * s_in, i)
+        if callback is not None:
+            callback(_event(x, i, sigmas[i], sigmas[i], denoised, guided))
+        eps = to_d(x, sigmas[i], denoised)
+        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+        x = denoised + eps * sigma_down
+        if eta and sigmas[i + 1] > 0:
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigma_up
+    return x
+
+
+def ddim_timesteps(n: int, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """A1111's DDIM timestep grid, ascending: ``range(0, T, T // n) + 1`` clipped to ``[0, T - 1]``.
+
+    For the usual step counts (divisors of T) it has ``n`` entries and equals diffusers' ``"leading"`` spacing with
+    ``steps_offset=1``; otherwise it has ``len(range(0, T, T // n))`` entries, as in A1111.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= num_train_timesteps:
+        raise ValueError(f"n (steps) must be an integer in [1, {num_train_timesteps}], got {n!r}")
+    return (torch.arange(0, num_train_timesteps, num_train_timesteps // n) + 1).clamp(0, num_train_timesteps - 1)
+
+
+def get_sigmas_ddim(n: int, model: Any, append_final: bool = True) -> torch.Tensor:
+    """Sigmas of the DDIM grid for a discrete-schedule denoiser (anything with a ``sigmas`` buffer indexed by
+    timestep, e.g. ``k_diffusion.external.DiscreteEpsDDPMDenoiser`` / ``CompVisDenoiser``), highest first.
+
+    ``append_final=True`` ends at the sigma of timestep 0, as diffusers' ``DDIMScheduler`` with
+    ``set_alpha_to_one=False`` does (n steps). ``append_final=False`` ends at the grid's lowest timestep, as A1111's
+    built-in DDIM loop does (one step fewer).
+    """
+    table = getattr(model, "sigmas", None)
+    if not isinstance(table, torch.Tensor) or table.ndim != 1:
+        raise TypeError("model must be a discrete-schedule denoiser with a 1-D `sigmas` buffer (one per timestep)")
+    steps = ddim_timesteps(n, table.shape[0]).to(table.device)
+    sigmas = table[steps].flip(0)
+    if append_final:
+        sigmas = torch.cat([sigmas, table[:1]])
+    return validate_sigmas(sigmas.float())
+
+
+#: The samplers by name, as used by the CLI, the bench and LinearAG coefficient files.
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+    "euler": sample_euler,
+    "euler_ancestral": sample_euler_ancestral,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "ddim": sample_ddim,
+}
