@@ -51,22 +51,17 @@ def resolve_oracle(oracle: Oracle | str | None) -> Oracle:
     return oracle
 
 
-class GuidedDenoiser:
-    """One run's CFG predictions under an oracle.
+class KDiffusionBackend:
+    """Predictions from a plain k-diffusion denoiser with ``cond``/``uncond``/``cond_scale`` extra_args.
 
-    ``model`` is any k-diffusion denoiser, called as ``model(x, sigma, cond=..., **rest)`` and returning the
-    denoised image. ``extra_args`` holds ``cond``, ``uncond`` and ``cond_scale``; every other key is passed to the
-    model unchanged. ``conditioning_changed(i)`` may tell the engine that step i uses new conditioning.
+    A backend is what the engine calls for network predictions. Hosts that do CFG themselves (the A1111 adapter)
+    provide their own backend through a model attribute ``adaptive_backend(x, extra_args)``.
     """
 
-    def __init__(self, model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor,
-                 extra_args: Mapping[str, Any] | None, oracle: Oracle | str | None, sampler: str,
+    def __init__(self, model: Callable[..., torch.Tensor], x: torch.Tensor, extra_args: Mapping[str, Any] | None,
                  conditioning_changed: Callable[[int], bool] | None = None) -> None:
         if not callable(model):
             raise TypeError(f"model must be a callable k-diffusion denoiser, got {type(model).__name__}")
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 2:
-            raise TypeError("x must be a floating-point tensor of shape [batch, ...]")
-        validate_sigmas(sigmas)
         args = dict(extra_args or {})
         missing = [k for k in ("cond", "uncond", "cond_scale") if k not in args]
         if missing:
@@ -87,57 +82,85 @@ class GuidedDenoiser:
                 raise ValueError(f"extra_args[{name!r}] has batch size {n} but x has {batch}")
         self.rest = args
         self.model = model
-        self.sigmas = sigmas
         self.batched = isinstance(self.cond, torch.Tensor) and isinstance(self.uncond, torch.Tensor)
-        self.conditioning_changed = conditioning_changed
-        self.oracle = resolve_oracle(oracle)
-        self.steps = sigmas.shape[0] - 1
-        self.last_decision: Decision | None = None
-        self.oracle.reset(RunInfo(sampler=sampler, sigmas=tuple(float(s) for s in sigmas), batch_size=batch))
+        self._conditioning_changed = conditioning_changed
 
-    # -- network calls -------------------------------------------------------------------------------------------
-    def _both(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def full(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Conditional and unconditional denoised predictions, in one batched call when both are tensors."""
         if self.batched:
             out = self.model(torch.cat([x, x]), torch.cat([sigma, sigma]),
                              cond=torch.cat([self.cond, self.uncond]), **self.rest)
             cond, uncond = out.chunk(2)
             return cond, uncond
-        return self._cond(x, sigma), self.model(x, sigma, cond=self.uncond, **self.rest)
+        return self.conditional(x, sigma), self.model(x, sigma, cond=self.uncond, **self.rest)
 
-    def _cond(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def conditional(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return self.model(x, sigma, cond=self.cond, **self.rest)
 
-    def _combine(self, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+    def combine(self, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
         return uncond + (cond - uncond) * self.cond_scale
 
-    # -- one step ------------------------------------------------------------------------------------------------
+    def skipped(self, x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> None:
+        """A CACHED step happened (hosts with per-call counters advance them here)."""
+
+    def conditioning_changed(self, index: int) -> bool:
+        return bool(self._conditioning_changed(index)) if self._conditioning_changed and index > 0 else False
+
+
+class GuidedDenoiser:
+    """One run's CFG predictions under an oracle.
+
+    ``model`` is any k-diffusion denoiser, called as ``model(x, sigma, cond=..., **rest)`` and returning the
+    denoised image. ``extra_args`` holds ``cond``, ``uncond`` and ``cond_scale``; every other key is passed to the
+    model unchanged. ``conditioning_changed(i)`` may tell the engine that step i uses new conditioning. A model with
+    an ``adaptive_backend(x, extra_args)`` method supplies its own prediction backend instead.
+    """
+
+    def __init__(self, model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor,
+                 extra_args: Mapping[str, Any] | None, oracle: Oracle | str | None, sampler: str,
+                 conditioning_changed: Callable[[int], bool] | None = None) -> None:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 2:
+            raise TypeError("x must be a floating-point tensor of shape [batch, ...]")
+        validate_sigmas(sigmas)
+        make_backend = getattr(model, "adaptive_backend", None)
+        if make_backend is not None:
+            self.backend = make_backend(x, extra_args)
+        else:
+            self.backend = KDiffusionBackend(model, x, extra_args, conditioning_changed)
+        self.oracle = resolve_oracle(oracle)
+        self.steps = sigmas.shape[0] - 1
+        self.last_decision: Decision | None = None
+        self.oracle.reset(RunInfo(sampler=sampler, sigmas=tuple(float(s) for s in sigmas), batch_size=x.shape[0]))
+
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, index: int) -> torch.Tensor:
         """The guided denoised prediction for step ``index`` at noise level ``sigma`` (shape ``[batch]``)."""
+        backend = self.backend
         s = float(sigma.reshape(-1)[0])
-        changed = bool(self.conditioning_changed(index)) if self.conditioning_changed and index > 0 else False
-        state = StepState(index=index, total=self.steps, sigma=s, x=x, conditioning_changed=changed)
+        state = StepState(index=index, total=self.steps, sigma=s, x=x,
+                          conditioning_changed=backend.conditioning_changed(index))
         decision = self.oracle.decide(state)
         cond = uncond = None
         wasted, fallback_from = 0, None
         if decision is Decision.CACHED:
             denoised = x - append_dims(sigma, x.ndim) * self.oracle.cached_eps().to(x.dtype)
+            backend.skipped(x, sigma, denoised)
         elif decision is Decision.COND:
-            cond = self._cond(x, sigma)
+            cond = backend.conditional(x, sigma)
             denoised = cond
         elif decision is Decision.LINEAR:
-            cond = self._cond(x, sigma)
+            cond = backend.conditional(x, sigma)
             uncond = self.oracle.estimate_uncond(state, cond) if torch.isfinite(cond).all() else cond * math.nan
-            denoised = self._combine(cond, uncond)
+            denoised = backend.combine(cond, uncond)
         else:
-            cond, uncond = self._both(x, sigma)
-            denoised = self._combine(cond, uncond)
+            cond, uncond = backend.full(x, sigma)
+            denoised = backend.combine(cond, uncond)
         if not torch.isfinite(denoised).all():
             if decision is Decision.FULL:
                 raise NonFiniteError(f"the model returned NaN/inf at step {index} (sigma={s:.4g}) under full CFG")
             wasted, fallback_from = decision.nfe, decision
             decision = Decision.FULL
-            cond, uncond = self._both(x, sigma)
-            denoised = self._combine(cond, uncond)
+            cond, uncond = backend.full(x, sigma)
+            denoised = backend.combine(cond, uncond)
             if not torch.isfinite(denoised).all():
                 raise NonFiniteError(f"the model returned NaN/inf at step {index} (sigma={s:.4g}), "
                                      f"also when re-evaluated with full CFG after a non-finite {fallback_from.name} step")

@@ -47,6 +47,7 @@ __all__ = [
     "PREDICTION_SPACES",
     "DEFAULT_AG_THRESHOLDS",
     "make_oracle",
+    "recommended",
     "ORACLE_NAMES",
 ]
 
@@ -386,6 +387,7 @@ class AdaptiveDiffusion(Oracle):
     The official code's cap is ``len(mask) > 4 and not any(mask[-C_max:])``, whose hard-coded ``> 4`` lets five
     skips in a row through right after warm-up; here the cap holds everywhere.
     The decision is per batch, as in the official code. A skipped step reuses the last computed eps.
+    ``threshold=0`` disables skipping.
     """
 
     name = "adaptive-diffusion"
@@ -423,7 +425,7 @@ class AdaptiveDiffusion(Oracle):
         self.estimates.append(estimate)
         if state.index < self.warmup or estimate is None or consecutive_cached >= self.max_skips:
             return Decision.FULL
-        return Decision.CACHED if estimate <= self.threshold else Decision.FULL
+        return Decision.CACHED if self.threshold > 0 and estimate <= self.threshold else Decision.FULL
 
     def _update(self, state: StepState) -> float | None:
         """Push the latent left by the previous step; return the relative third-order estimate, if defined."""
@@ -595,3 +597,8 @@ def make_oracle(name: str, **params: object) -> Oracle:
     if name not in factories:
         raise ValueError(f"unknown oracle {name!r}; choose one of {', '.join(ORACLE_NAMES)}")
     return factories[name](**params)
+
+
+def recommended() -> Oracle:
+    """The oracle we recommend by default (also the A1111 default mode); see the README's method notes."""
+    return Compose()

@@ -1,0 +1,91 @@
+"""Running samplers on a class-conditional denoiser with fixed seeds: shared by the demo, bench, calibration and tuning.
+
+The latents of sample ``j`` depend only on its own seed, so a batch gives the same images as single runs would.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from . import embedded
+from .oracles import FullCFG, Oracle, RunSummary
+from .sampling import SAMPLERS, get_sigmas_ddim
+
+
+@dataclass(frozen=True)
+class Target:
+    """A class-conditional k-diffusion denoiser plus what is needed to sample it."""
+
+    model: Callable[..., torch.Tensor]
+    name: str
+    image_shape: tuple[int, ...]
+    num_classes: int
+    null_label: int
+
+
+def embedded_target() -> Target:
+    return Target(embedded.load_denoiser(), "embedded-digits-v1", embedded.IMAGE_SHAPE, embedded.NUM_CLASSES,
+                  embedded.NULL_LABEL)
+
+
+def load_target(spec: str | None) -> Target:
+    """``None`` or ``"embedded"`` for the shipped model, or ``module:function`` returning a :class:`Target` or a
+    k-diffusion denoiser with attributes ``image_shape``, ``num_classes`` and ``null_label``."""
+    if spec in (None, "", "embedded"):
+        return embedded_target()
+    if ":" not in spec:
+        raise ValueError(f"model must be 'embedded' or 'module:function', got {spec!r}")
+    module_name, func_name = spec.split(":", 1)
+    try:
+        factory = getattr(importlib.import_module(module_name), func_name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"model {spec!r} could not be loaded: {exc}") from None
+    made = factory()
+    if isinstance(made, Target):
+        return made
+    try:
+        return Target(made, spec, tuple(made.image_shape), int(made.num_classes), int(made.null_label))
+    except AttributeError as exc:
+        raise ValueError(f"model {spec!r} must return a Target or a denoiser with image_shape, num_classes and "
+                         f"null_label attributes ({exc})") from None
+
+
+def sigmas_for(target: Target, sampler: str, steps: int) -> torch.Tensor:
+    """The schedule each sampler is benchmarked on: the DDIM grid for DDIM, the model's uniform discrete schedule
+    (k-diffusion ``get_sigmas``, A1111's "Automatic" for Euler) otherwise."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if sampler == "ddim":
+        return get_sigmas_ddim(steps, target.model)
+    return target.model.get_sigmas(steps)
+
+
+def initial_latents(target: Target, seeds: Sequence[int], sigma0: torch.Tensor, sampler: str) -> torch.Tensor:
+    """Seeded noise at the first noise level. DDIM starts from unit-variance VP noise, as diffusers and A1111 do."""
+    noise = torch.stack([torch.randn(target.image_shape, generator=torch.Generator().manual_seed(int(s)))
+                         for s in seeds])
+    scale = (1 + sigma0 ** 2) ** 0.5 if sampler == "ddim" else sigma0
+    return noise * scale
+
+
+def generate(target: Target, sampler: str, steps: int, scale: float, labels: Sequence[int], seeds: Sequence[int],
+             oracle: Oracle | None = None, sigmas: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, RunSummary]:
+    """Sample one image per (label, seed); returns images in data space and the oracle's run summary."""
+    if len(labels) != len(seeds):
+        raise ValueError(f"labels and seeds must have the same length, got {len(labels)} and {len(seeds)}")
+    sigmas = sigmas_for(target, sampler, steps) if sigmas is None else sigmas
+    x = initial_latents(target, seeds, sigmas[0], sampler)
+    cond = torch.as_tensor(list(labels), dtype=torch.long)
+    extra_args = dict(cond=cond, uncond=torch.full_like(cond, target.null_label), cond_scale=float(scale))
+    oracle = oracle if oracle is not None else FullCFG()
+    torch.manual_seed(int(seeds[0]) if len(seeds) else 0)  # ancestral / SDE noise
+    out = SAMPLERS[sampler](target.model, x, sigmas, extra_args=extra_args, disable=True, oracle=oracle, **kwargs)
+    if sampler == "ddim":
+        out = out / (1 + sigmas[-1] ** 2) ** 0.5
+    return out, oracle.summary()
