@@ -25,19 +25,23 @@ def _scale(text: str) -> float:
     return value
 
 
-def demo_oracles(sampler: str, steps: int) -> list[tuple[str, "object"]]:
-    """The oracles the demo shows for one sampler: full CFG first, then each adaptive method."""
+DEMO_ORACLES = ("full", "ag", "linear-ag", "adaptive-diffusion", "compose", "recommended")
+
+
+def demo_oracle(name: str, sampler: str, steps: int) -> tuple[str, "object"]:
+    """(row label, fresh oracle) for one of :data:`DEMO_ORACLES`; LinearAG uses the shipped coefficients when
+    there are some for this sampler and step count, the model-free delta rule otherwise."""
     from . import oracles as O
     from .calibrate import embedded_coefficients
 
-    rows = [("full CFG", O.FullCFG()), ("AG", O.AdaptiveGuidance()), ("AdaptiveDiffusion", O.AdaptiveDiffusion()),
-            ("AG + AdaptiveDiffusion", O.Compose())]
-    try:
-        rows.insert(2, ("LinearAG", O.LinearAG(embedded_coefficients(sampler, steps))))
-    except ValueError:
-        rows.insert(2, ("LinearAG (delta rule)", O.LinearAG()))
-    rows.append(("recommended", O.recommended()))
-    return rows
+    if name == "linear-ag":
+        try:
+            return "LinearAG", O.LinearAG(embedded_coefficients(sampler, steps))
+        except ValueError:
+            return "LinearAG (delta rule)", O.LinearAG()
+    labels = {"full": "full CFG", "ag": "AG", "adaptive-diffusion": "AdaptiveDiffusion",
+              "compose": "AG + AdaptiveDiffusion", "recommended": "recommended"}
+    return labels[name], (O.recommended() if name == "recommended" else O.make_oracle(name))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -51,16 +55,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     classifier = load_classifier()
     labels = [c for c in range(target.num_classes) for _ in range(args.per_class)]
     seeds = [args.seed + j for j in range(len(labels))]
-    plans = [(s, name, oracle) for s in args.samplers for name, oracle in demo_oracles(s, args.steps)]
+    plans = [(scale, s, o) for scale in args.scales for s in args.samplers for o in args.oracles]
     rows = []
-    print(f"embedded model, {args.steps} steps, guidance scale {args.scale}, {len(labels)} images per row")
-    print(f"{'sampler':<16} {'oracle':<24} {'NFE/image':>10} {'of full':>8} {'accuracy':>9}")
-    for sampler, name, oracle in tqdm(plans, desc="demo", leave=False):
-        images, summary = generate(target, sampler, args.steps, args.scale, labels, seeds, oracle=oracle)
+    print(f"embedded model, {args.steps} steps, {len(labels)} images per row")
+    print(f"{'scale':>5} {'sampler':<16} {'oracle':<24} {'NFE/image':>10} {'of full':>8} {'accuracy':>9}")
+    for scale, sampler, oracle_name in tqdm(plans, desc="demo", leave=False):
+        name, oracle = demo_oracle(oracle_name, sampler, args.steps)
+        images, summary = generate(target, sampler, args.steps, scale, labels, seeds, oracle=oracle)
         acc = classifier_accuracy(images, torch.tensor(labels), classifier)
-        tqdm.write(f"{sampler:<16} {name:<24} {summary.nfe:>10} {summary.nfe_ratio:>8.0%} {acc:>9.1%}")
-        rows.append((f"{sampler} | {name} | NFE {summary.nfe}/{summary.nfe_full}", images))
-    path = save_grid(rows, Path(args.out) / "demo.png")
+        tqdm.write(f"{scale:>5g} {sampler:<16} {name:<24} {summary.nfe:>10} {summary.nfe_ratio:>8.0%} {acc:>9.1%}")
+        rows.append((f"scale {scale:g} | {sampler} | {name} | NFE {summary.nfe}/{summary.nfe_full}", images))
+    path = save_grid(rows, Path(args.out) / "demo.png", label_width=330)
     print(f"wrote {path}")
     return 0
 
@@ -87,6 +92,65 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from . import bench as B
+    from .embedded import load_classifier, reference_statistics
+    from .experiment import embedded_target
+    from .plots import pareto_plot
+
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.samplers, args.steps, args.scales, args.images, args.repeats = ["euler"], [10], [3.0], 16, 1
+    out = Path(args.out)
+    target = embedded_target()
+    bench = B.Bench(target, args.images, load_classifier(), reference_statistics(), repeats=args.repeats)
+    overhead = B.loop_overhead(target, images=args.images, steps=max(args.steps), repeats=max(3, args.repeats))
+    print(f"loop overhead: full CFG through our Euler loop / k-diffusion's own loop = {overhead:.3f} (wall-clock)")
+    rows = []
+    cells = [(s, n, c) for s in args.samplers for n in args.steps for c in args.scales]
+    for sampler, steps, scale in tqdm(cells, desc="bench cells"):
+        rows += bench.cell(sampler, steps, scale, B.default_oracles(sampler, steps))
+    md, js = B.write_outputs(rows, out)
+    print(B.markdown(rows))
+    extra = {"loop_overhead": overhead}
+    if not args.no_sweep:
+        points = []
+        for sampler in args.samplers:
+            points += B.sweep(bench, sampler, max(args.steps), args.scales[0])
+        png = pareto_plot(points, out / "pareto.png", title=f"{max(args.steps)} steps, scale {args.scales[0]:g}")
+        (out / "pareto.json").write_text(json.dumps(points, indent=1) + "\n")
+        extra["pareto"] = str(png)
+        extra["run_plot"] = B.run_plots(bench, args.samplers[0], max(args.steps), args.scales[0], out)
+        print(f"estimator vs greedy path ({args.samplers[0]}, {max(args.steps)} steps, image 0): "
+              f"{extra['run_plot']['estimator_skips']} vs {extra['run_plot']['greedy_skips']} skips, "
+              f"{extra['run_plot']['agreement']:.0%} of steps agree")
+    (out / "bench_extra.json").write_text(json.dumps(extra, indent=1) + "\n")
+    print(f"wrote {md}, {js}" + ("" if args.no_sweep else f", {extra['pareto']}, {extra['run_plot']['plot']}"))
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    import json
+
+    from .experiment import load_target
+    from .tune import tune
+
+    torch.set_num_threads(args.threads)
+    target = load_target(args.model)
+    result = tune(target, args.oracle, args.sampler, args.steps, args.scale, images=args.images,
+                  target_psnr=args.target_psnr, target_nfe=args.target_nfe)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"tune_{args.oracle}.json").write_text(json.dumps(result, indent=1) + "\n")
+    verdict = "met" if result["met"] else "NOT met (closest setting shown)"
+    print(f"{args.oracle} on {target.name}, {args.sampler}/{args.steps} steps, scale {args.scale:g}: target {verdict}")
+    print(f"  settings: {json.dumps(result['settings'])}")
+    print(f"  NFE ratio {result['nfe_ratio']:.3f}, PSNR vs full CFG {result['psnr']:.2f} dB on {args.images} images")
+    return 0 if result["met"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .sampling import SAMPLERS
 
@@ -96,8 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="sample a grid on the embedded model with every sampler and oracle")
     demo.add_argument("--out", default="out", help="output folder (default: out/)")
     demo.add_argument("--steps", type=_positive_int, default=50)
-    demo.add_argument("--scale", type=_scale, default=3.0, help="guidance scale (default 3)")
+    demo.add_argument("--scales", type=_scale, nargs="+", default=[3.0], help="guidance scales (default 3)")
     demo.add_argument("--samplers", nargs="+", choices=list(SAMPLERS), default=list(SAMPLERS))
+    demo.add_argument("--oracles", nargs="+", choices=DEMO_ORACLES, default=list(DEMO_ORACLES))
     demo.add_argument("--per-class", type=_positive_int, default=2, help="images per digit class and row")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--threads", type=_positive_int, default=2)
@@ -113,6 +178,32 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--model", default="embedded", help="'embedded' or module:function returning a denoiser")
     cal.add_argument("--output", help="JSON file (default: the package's shipped file for the embedded model)")
     cal.add_argument("--threads", type=_positive_int, default=2)
+
+    bench = sub.add_parser("bench", help="NFE, wall-clock and fidelity of every oracle vs equal-NFE baselines")
+    bench.add_argument("--quick", action="store_true", help="a smoke run of under a minute")
+    bench.add_argument("--out", default="out", help="output folder (default: out/)")
+    bench.add_argument("--samplers", nargs="+", choices=list(SAMPLERS), default=["euler", "ddim", "dpmpp_2m"])
+    bench.add_argument("--steps", type=_positive_int, nargs="+", default=[20, 50])
+    bench.add_argument("--scales", type=_scale, nargs="+", default=[3.0, 5.0])
+    bench.add_argument("--images", type=_positive_int, default=64)
+    bench.add_argument("--repeats", type=_positive_int, default=3, help="interleaved timing repetitions")
+    bench.add_argument("--no-sweep", action="store_true", help="skip the threshold sweeps and plots")
+    bench.add_argument("--threads", type=_positive_int, default=2)
+
+    from .tune import KNOBS
+
+    tune = sub.add_parser("tune", help="find an oracle's thresholds that meet a PSNR or NFE target")
+    goal = tune.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--target-psnr", type=_scale, help="minimum mean PSNR against full CFG, dB")
+    goal.add_argument("--target-nfe", type=_scale, help="maximum NFE ratio to full CFG, in (0, 1]")
+    tune.add_argument("--oracle", choices=list(KNOBS), default="compose")
+    tune.add_argument("--sampler", choices=list(SAMPLERS), default="euler")
+    tune.add_argument("--steps", type=_positive_int, default=50)
+    tune.add_argument("--scale", type=_scale, default=3.0)
+    tune.add_argument("--images", type=_positive_int, default=32, help="calibration images")
+    tune.add_argument("--model", default="embedded", help="'embedded' or module:function returning a denoiser")
+    tune.add_argument("--out", default="out", help="output folder (default: out/)")
+    tune.add_argument("--threads", type=_positive_int, default=2)
     return parser
 
 
@@ -122,7 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_train_model(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        return {"demo": cmd_demo, "calibrate-linear-ag": cmd_calibrate}[args.command](args)
+        commands = {"demo": cmd_demo, "calibrate-linear-ag": cmd_calibrate, "bench": cmd_bench, "tune": cmd_tune}
+        return commands[args.command](args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

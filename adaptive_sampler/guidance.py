@@ -142,7 +142,7 @@ class GuidedDenoiser:
         cond = uncond = None
         wasted, fallback_from = 0, None
         if decision is Decision.CACHED:
-            denoised = x - append_dims(sigma, x.ndim) * self.oracle.cached_eps().to(x.dtype)
+            denoised = x - append_dims(sigma, x.ndim) * self.oracle.cached_eps(state).to(x.dtype)
             backend.skipped(x, sigma, denoised)
         elif decision is Decision.COND:
             cond = backend.conditional(x, sigma)

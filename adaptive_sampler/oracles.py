@@ -246,8 +246,8 @@ class Oracle:
         self._last = record
         self._observe(record)
 
-    def cached_eps(self) -> torch.Tensor:
-        """The noise prediction a CACHED step reuses: the last computed guided eps."""
+    def cached_eps(self, state: StepState) -> torch.Tensor:
+        """The noise prediction a CACHED step uses: by default the last computed guided eps (zero-order reuse)."""
         if self._cached_eps is None:
             raise RuntimeError("no cached prediction: the oracle never allows CACHED before a computed step")
         return self._cached_eps

@@ -1,0 +1,67 @@
+"""The embedded default model: a small class-conditional digits UNet on Stable Diffusion's discrete schedule.
+
+It is eps-parameterised and plugs into ``k_diffusion.external.DiscreteEpsDDPMDenoiser`` exactly as SD plugs into
+``CompVisDenoiser``: the denoiser feeds it ``x * c_in`` (the variance-preserving latent) and a fractional timestep.
+Labels 0-9 are digits, label 10 is the null label used for the unconditional prediction. The weights ship in the
+package (``weights/``) and are reproduced by ``python -m adaptive_sampler train-model``.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import torch
+from k_diffusion.external import DiscreteEpsDDPMDenoiser
+from safetensors.torch import load_file
+
+from .classifier import DigitsClassifier
+from .data import load_digits_dataset
+from .unet import DigitsUNet
+
+NUM_CLASSES = 10
+NULL_LABEL = 10
+IMAGE_SHAPE = (1, 16, 16)
+WEIGHTS_DIR = Path(str(resources.files(__name__) / "weights"))
+
+__all__ = ["NUM_CLASSES", "NULL_LABEL", "IMAGE_SHAPE", "WEIGHTS_DIR", "DigitsUNet", "DigitsClassifier",
+           "sd_alphas_cumprod", "load_unet", "load_denoiser", "load_classifier", "load_digits_dataset",
+           "reference_statistics"]
+
+
+def sd_alphas_cumprod() -> torch.Tensor:
+    """Stable Diffusion 1.x's discrete schedule: scaled-linear betas 0.00085 -> 0.012 over 1000 steps."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, dim=0).float()
+
+
+def _load(module: torch.nn.Module, name: str) -> torch.nn.Module:
+    path = WEIGHTS_DIR / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: reinstall the package or run `python -m adaptive_sampler train-model`")
+    module.load_state_dict(load_file(str(path)))
+    return module.eval().requires_grad_(False)
+
+
+def load_unet() -> DigitsUNet:
+    """A fresh copy of the shipped UNet (eval mode, float32)."""
+    return _load(DigitsUNet(NUM_CLASSES), "unet.safetensors")
+
+
+def load_denoiser(device: str | torch.device = "cpu") -> DiscreteEpsDDPMDenoiser:
+    """The embedded UNet as a k-diffusion denoiser: ``denoiser(x, sigma, cond=labels)`` returns x0."""
+    return DiscreteEpsDDPMDenoiser(load_unet(), sd_alphas_cumprod(), quantize=False).to(device)
+
+
+def reference_statistics() -> tuple:
+    """Mean and covariance (float64 numpy) of the classifier features of all real digits, for Fréchet distances."""
+    path = WEIGHTS_DIR / "digits_reference.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: reinstall the package or run `python -m adaptive_sampler train-model`")
+    stats = load_file(str(path))
+    return stats["mu"].double().numpy(), stats["cov"].double().numpy()
+
+
+def load_classifier() -> DigitsClassifier:
+    """A fresh copy of the shipped digits classifier (eval mode)."""
+    return _load(DigitsClassifier(), "classifier.safetensors")

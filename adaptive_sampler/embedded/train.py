@@ -1,0 +1,120 @@
+"""Reproducible CPU training of the embedded UNet and classifier (``python -m adaptive_sampler train-model``)."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import trange
+
+from . import NULL_LABEL, WEIGHTS_DIR, sd_alphas_cumprod
+from .classifier import DigitsClassifier
+from .data import load_digits_dataset
+from .unet import DigitsUNet
+
+
+def _shift(x: torch.Tensor, g: torch.Generator, max_shift: int = 1) -> torch.Tensor:
+    """Random translations by up to ``max_shift`` pixels (background is -1)."""
+    dx, dy = torch.randint(-max_shift, max_shift + 1, (2,), generator=g).tolist()
+    return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+
+
+def train_model(out_path: Path, seed: int = 0, iterations: int = 10000, batch_size: int = 128,
+                label_dropout: float = 0.15, progress: bool = True) -> dict:
+    """eps-prediction on Stable Diffusion's discrete schedule, label dropout for CFG, EMA weights saved."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    images, labels = load_digits_dataset("all")
+    alphas = sd_alphas_cumprod()
+    model = DigitsUNet()
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=iterations, pct_start=0.05)
+    start, losses = time.time(), []
+    for it in trange(iterations, desc="train UNet", disable=not progress):
+        idx = torch.randint(0, images.shape[0], (batch_size,), generator=g)
+        x0 = _shift(images[idx], g)
+        y = labels[idx].clone()
+        y[torch.rand(batch_size, generator=g) < label_dropout] = NULL_LABEL
+        t = torch.randint(0, 1000, (batch_size,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        a = alphas[t][:, None, None, None]
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        loss = torch.nn.functional.mse_loss(model(xt, t.float(), y), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        decay = min(0.999, (1 + it) / (10 + it))
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - decay)
+        losses.append(loss.item())
+    save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(out_path))
+    tail = losses[-500:]
+    return {"iterations": iterations, "batch_size": batch_size, "label_dropout": label_dropout, "seed": seed,
+            "final_loss": sum(tail) / len(tail), "seconds": round(time.time() - start, 1),
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def train_classifier(out_path: Path, seed: int = 0, epochs: int = 40, progress: bool = True) -> dict:
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    x, y = load_digits_dataset("train")
+    xt, yt = load_digits_dataset("test")
+    model = DigitsClassifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    start = time.time()
+    for _ in trange(epochs, desc="train classifier", disable=not progress):
+        perm = torch.randperm(x.shape[0], generator=g)
+        for k in range(0, x.shape[0], 64):
+            idx = perm[k:k + 64]
+            xb = _shift(x[idx], g) + 0.05 * torch.randn(x[idx].shape, generator=g)
+            loss = torch.nn.functional.cross_entropy(model(xb), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        acc = (model(xt).argmax(1) == yt).float().mean().item()
+    save_file(model.state_dict(), str(out_path))
+    return {"epochs": epochs, "seed": seed, "held_out_accuracy": acc, "seconds": round(time.time() - start, 1)}
+
+
+def save_reference_statistics(classifier_path: Path, out_path: Path) -> None:
+    """Feature mean and covariance of all real digits, so the Fréchet distance needs no dataset at run time."""
+    from safetensors.torch import load_file
+
+    from ..metrics import feature_statistics
+
+    classifier = DigitsClassifier()
+    classifier.load_state_dict(load_file(str(classifier_path)))
+    mu, cov = feature_statistics(load_digits_dataset("all")[0], classifier.eval())
+    save_file({"mu": torch.from_numpy(mu), "cov": torch.from_numpy(cov)}, str(out_path))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m adaptive_sampler train-model",
+                                     description="Retrain the embedded digits UNet and classifier (CPU, fixed seed).")
+    parser.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="output folder (default: the package data)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--iterations", type=int, default=10000)
+    parser.add_argument("--classifier-epochs", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    if args.iterations < 1 or args.classifier_epochs < 1 or args.threads < 1:
+        parser.error("--iterations, --classifier-epochs and --threads must be positive")
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    card = {"torch": torch.__version__, "unet": train_model(args.out / "unet.safetensors", args.seed, args.iterations),
+            "classifier": train_classifier(args.out / "classifier.safetensors", args.seed, args.classifier_epochs)}
+    save_reference_statistics(args.out / "classifier.safetensors", args.out / "digits_reference.safetensors")
+    (args.out / "model_card.json").write_text(json.dumps(card, indent=1) + "\n")
+    print(json.dumps(card, indent=1))
+    return 0

@@ -1,0 +1,85 @@
+"""PNG plots for the bench: the NFE-vs-PSNR Pareto front and a per-run anatomy of one image's decisions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+
+from .oracles import Decision  # noqa: E402
+
+DECISION_COLOURS = {Decision.FULL: "#1f77b4", Decision.COND: "#ff7f0e", Decision.LINEAR: "#2ca02c",
+                    Decision.CACHED: "#d3d3d3"}
+
+
+def pareto_plot(points: Sequence[dict], path: str | Path, title: str = "") -> Path:
+    """One panel per sampler; one line per method family through its sweep, NFE ratio vs PSNR against full CFG."""
+    samplers = sorted({p["sampler"] for p in points})
+    fig, axes = plt.subplots(1, len(samplers), figsize=(5.2 * len(samplers), 4.2), squeeze=False)
+    for ax, sampler in zip(axes[0], samplers):
+        families = sorted({p["family"] for p in points if p["sampler"] == sampler},
+                          key=lambda f: (f != "fewer steps", f))
+        for family in families:
+            pts = sorted((p["nfe_ratio"], p["psnr"]) for p in points
+                         if p["sampler"] == sampler and p["family"] == family)
+            xs, ys = zip(*pts)
+            style = dict(color="black", linestyle="--", marker="s") if family == "fewer steps" else dict(marker="o")
+            ax.plot(xs, ys, label=family, **style)
+        ax.set_title(f"{sampler} {title}".strip())
+        ax.set_xlabel("NFE / NFE of full CFG")
+        ax.set_ylabel("PSNR vs full CFG (dB)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run_plot(decisions: Sequence[Decision], gammas: Sequence[float | None], ag_threshold: float,
+             estimates: Sequence[float | None], ad_threshold: float, greedy: Sequence[Decision],
+             path: str | Path, title: str = "") -> Path:
+    """Timeline of decisions, gamma_t with the AG threshold, the AdaptiveDiffusion estimator with its threshold,
+    and the greedy optimal skip path beside the estimator's path."""
+    steps = range(len(decisions))
+    order = list(DECISION_COLOURS)
+    cmap = ListedColormap([DECISION_COLOURS[d] for d in order])
+    fig, axes = plt.subplots(4, 1, figsize=(10, 8), sharex=True,
+                             gridspec_kw={"height_ratios": [0.6, 1.4, 1.4, 0.9]})
+    axes[0].imshow([[order.index(d) for d in decisions]], aspect="auto", cmap=cmap, vmin=0, vmax=len(order) - 1,
+                   extent=(-0.5, len(decisions) - 0.5, 0, 1))
+    axes[0].set_yticks([])
+    axes[0].set_title(title + "  (" + ", ".join(f"{d.name}" for d in order) + " = " +
+                      ", ".join(DECISION_COLOURS[d] for d in order) + ")", fontsize=8)
+    g = [(i, v) for i, v in zip(steps, gammas) if v is not None]
+    if g:
+        axes[1].plot(*zip(*g), marker=".", label="gamma_t (cos cond/uncond)")
+    axes[1].axhline(ag_threshold, color="red", linestyle="--", label=f"AG threshold {ag_threshold}")
+    axes[1].legend(fontsize=7)
+    axes[1].set_ylabel("gamma_t")
+    e = [(i, v) for i, v in zip(steps, estimates) if v is not None]
+    if e:
+        axes[2].semilogy(*zip(*e), marker=".", label="3rd-order estimate / d_{k-1}")
+    axes[2].axhline(ad_threshold, color="red", linestyle="--", label=f"delta {ad_threshold}")
+    axes[2].legend(fontsize=7)
+    axes[2].set_ylabel("estimator")
+    est_skips = [i for i, d in zip(steps, decisions) if d is Decision.CACHED]
+    greedy_skips = [i for i, d in enumerate(greedy) if d is Decision.CACHED]
+    axes[3].scatter(est_skips, [1] * len(est_skips), marker="|", s=200, label="estimator skips")
+    axes[3].scatter(greedy_skips, [0] * len(greedy_skips), marker="|", s=200, color="green", label="greedy skips")
+    axes[3].set_yticks([0, 1], ["greedy", "estimator"])
+    axes[3].set_ylim(-0.5, 1.5)
+    axes[3].set_xlabel("step")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,63 @@
+"""The commands users run: each writes its outputs and fails clearly on bad input."""
+
+import json
+
+import pytest
+
+from adaptive_sampler.__main__ import main
+from adaptive_sampler.linear_ag import LinearAGCoefficients
+
+
+def test_demo_writes_a_grid(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--samplers", "euler", "ddim", "--steps", "10", "--per-class", "1"]) == 0
+    assert (tmp_path / "demo.png").stat().st_size > 1000
+    out = capsys.readouterr().out
+    assert "NFE/image" in out and "recommended" in out
+
+
+def test_bench_quick_writes_tables_and_plots(tmp_path, capsys):
+    assert main(["bench", "--quick", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())
+    methods = {r["method"] for r in rows}
+    assert {"full CFG", "AG", "LinearAG", "AdaptiveDiffusion", "Compose", "recommended"} <= methods
+    assert any(r["kind"] == "fewer steps" for r in rows) and any(r["kind"] == "truncation" for r in rows)
+    full = next(r for r in rows if r["method"] == "full CFG")
+    assert full["nfe"] == 2 * full["run_steps"]
+    for name in ("bench.md", "pareto.png", "run_euler_10.png"):
+        assert (tmp_path / name).stat().st_size > 500
+    assert "loop overhead" in capsys.readouterr().out
+
+
+def test_calibrate_linear_ag_writes_a_coefficient_file(tmp_path):
+    path = tmp_path / "c.json"
+    assert main(["calibrate-linear-ag", "--sampler", "euler", "--steps", "8", "--samples", "8",
+                 "--output", str(path)]) == 0
+    coef = LinearAGCoefficients.load(path)
+    assert coef.sampler == "euler" and coef.steps == 8 and coef.samples == 16
+    assert coef.coefficients[0] is None and all(len(r) == 4 for r in coef.coefficients[1:])
+
+
+def test_tune_meets_a_reachable_target(tmp_path, capsys):
+    code = main(["tune", "--oracle", "adaptive-diffusion", "--target-psnr", "30", "--steps", "20", "--images", "4",
+                 "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "tune_adaptive-diffusion.json").read_text())
+    assert code == 0 and result["met"] and result["psnr"] >= 30
+    assert "settings" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [
+    ["demo", "--steps", "-3"],
+    ["demo", "--scales", "nan"],
+    ["bench", "--samplers", "heun"],
+    ["tune", "--target-psnr", "30", "--target-nfe", "0.5"],
+])
+def test_bad_arguments_exit_with_a_message(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_unknown_model_is_a_clear_error(capsys):
+    assert main(["tune", "--target-nfe", "0.5", "--model", "no_such_module:f"]) == 2
+    assert "could not be loaded" in capsys.readouterr().err
