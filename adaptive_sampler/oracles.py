@@ -316,7 +316,11 @@ class FullCFG(Oracle):
 
 
 #: Default AG thresholds per prediction space, calibrated on the embedded model (see README, "Adaptive Guidance").
-DEFAULT_AG_THRESHOLDS = {"x0": 0.991, "eps": 0.9999, "v": 0.995}
+#: In x0 space gamma_t starts near 0.88 and rises monotonically, as in the paper's figure, and the published 0.991
+#: switches about 60% through the steps; v space behaves like x0 at high noise and like eps at low noise, so its
+#: default is slightly lower. eps space has no default: there gamma_t starts above 0.9997 and *falls* along the
+#: trajectory (it is not monotone), so any fixed threshold either switches at the first step or never.
+DEFAULT_AG_THRESHOLDS = {"x0": 0.991, "v": 0.99}
 
 
 class AdaptiveGuidance(Oracle):
@@ -338,6 +342,10 @@ class AdaptiveGuidance(Oracle):
             raise ValueError(f"space must be one of {PREDICTION_SPACES}, got {space!r}")
         self.space = space
         if threshold is None:
+            if space not in DEFAULT_AG_THRESHOLDS:
+                raise ValueError(f"threshold: there is no calibrated default in {space!r} space (gamma_t starts above "
+                                 "0.9997 and is not monotone there); pass threshold= explicitly, e.g. from "
+                                 "`python -m adaptive_sampler tune`, or use space='x0'")
             threshold = DEFAULT_AG_THRESHOLDS[space]
         self.threshold = _check_real("threshold", threshold, -1.0, math.inf,
                                      "a finite number >= -1 (cosine similarity; >= 1 disables the switch)")

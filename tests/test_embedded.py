@@ -14,7 +14,8 @@ def test_schedule_is_stable_diffusions(denoiser):
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
     alphas = torch.cumprod(1 - betas, 0)
     assert isinstance(denoiser, K.external.DiscreteEpsDDPMDenoiser)
-    assert torch.allclose(denoiser.sigmas.double(), ((1 - alphas) / alphas).sqrt(), rtol=1e-5)
+    # float32 alphas_cumprod (as SD stores them) limit the agreement near t = 0
+    assert torch.allclose(denoiser.sigmas.double(), ((1 - alphas) / alphas).sqrt(), rtol=2e-4)
     assert denoiser.sigma_max.item() == pytest.approx(14.6146, abs=1e-3)
     assert denoiser.sigma_min.item() == pytest.approx(0.02916, abs=1e-4)
 

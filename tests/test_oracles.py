@@ -138,11 +138,20 @@ def test_adaptive_guidance_switches_a_batch_when_every_sample_has_crossed(denois
     assert batch_oracle.switch_step == max(singles)
 
 
-@pytest.mark.parametrize("space", O.PREDICTION_SPACES)
-def test_default_thresholds_do_not_switch_at_the_first_step(denoiser, space):
-    oracle = O.AdaptiveGuidance(space=space)
-    run(denoiser, "euler", oracle)
-    assert oracle.switch_step is not None and oracle.switch_step >= 5
+@pytest.mark.parametrize("space", sorted(O.DEFAULT_AG_THRESHOLDS))
+def test_default_thresholds_switch_in_the_second_half(denoiser, space):
+    for sampler in MAIN_SAMPLERS:
+        oracle = O.AdaptiveGuidance(space=space)
+        run(denoiser, sampler, oracle)
+        assert oracle.switch_step is not None and 25 <= oracle.switch_step < 49
+
+
+def test_eps_space_has_no_blind_default(denoiser):
+    with pytest.raises(ValueError, match="no calibrated default in 'eps' space"):
+        O.AdaptiveGuidance(space="eps")
+    gammas = O.AdaptiveGuidance(threshold=1.0, space="eps")
+    run(denoiser, "euler", gammas)
+    assert gammas.gammas[0] > 0.9997  # why: a published-style threshold would switch at the first step
 
 
 def test_linear_ag_alternates_then_switches(denoiser):

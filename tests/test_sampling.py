@@ -95,14 +95,15 @@ def test_nfe_accounting_counts_model_rows(denoiser, name):
     model = CountingModel(denoiser)
     sigmas = A.get_sigmas_ddim(20, denoiser) if name == "ddim" else denoiser.get_sigmas(20)
     batch = 4
-    oracle = A.Schedule("F4 C3 L1 F1 L1 S2 F1 S1 C6")
+    oracle = A.Schedule("F4 C3 F L F L S2 F S C5")
     A.SAMPLERS[name](model, initial_noise(batch, sigmas[0]), sigmas, extra_args=guided_args(batch), disable=True,
                      oracle=oracle)
     summary = oracle.summary()
     assert model.rows == summary.nfe * batch
-    assert summary.nfe == 4 * 2 + 3 + 1 + 2 + 1 + 2 + 6
+    assert summary.nfe == 4 * 2 + 3 + 2 + 1 + 2 + 1 + 2 + 5
     assert summary.nfe_full == 40
-    assert summary.counts == {"FULL": 6, "COND": 9, "LINEAR": 2, "CACHED": 3}
+    assert summary.counts == {"FULL": 7, "COND": 8, "LINEAR": 2, "CACHED": 3}
+    assert summary.overrides == ()
     # FULL steps are one batched call of 2 * batch rows
     assert model.calls == 20 - 3
 
@@ -148,7 +149,7 @@ def test_cached_step_reuses_eps_and_updates_latent(denoiser):
 
 
 @pytest.mark.parametrize("bad,match", [
-    (dict(extra_args={"cond": torch.arange(3), "uncond": torch.full((2,), 10), "cond_scale": 3.0}), "uncond"),
+    (dict(extra_args={"cond": torch.arange(2), "uncond": torch.full((3,), 10), "cond_scale": 3.0}), "uncond"),
     (dict(extra_args={"cond": torch.arange(2), "uncond": torch.full((2,), 10), "cond_scale": float("nan")}), "cond_scale"),
     (dict(extra_args={"cond": torch.arange(2), "uncond": torch.full((2,), 10)}), "cond_scale"),
     (dict(sigmas=torch.tensor([1.0, 2.0, 0.0])), "sigmas"),
