@@ -70,7 +70,9 @@ def feature_statistics(images: torch.Tensor, classifier=None) -> Stats:
 def frechet_distance(a: torch.Tensor | Stats, b: torch.Tensor | Stats, classifier=None) -> float:
     """Fréchet distance between two image sets (or precomputed feature statistics) in the classifier's features."""
     (mu1, s1), (mu2, s2) = (x if isinstance(x, tuple) else feature_statistics(x, classifier) for x in (a, b))
-    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    # Fewer samples than feature dimensions make the covariances singular; a tiny ridge keeps sqrtm well posed.
+    ridge = 1e-6 * np.eye(s1.shape[0])
+    covmean = scipy.linalg.sqrtm((s1 + ridge) @ (s2 + ridge))
     if np.iscomplexobj(covmean):
         covmean = covmean.real
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))

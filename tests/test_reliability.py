@@ -16,7 +16,7 @@ from adaptive_sampler.forecast import Forecast
 from adaptive_sampler.guidance import NonFiniteError
 from adaptive_sampler.linear_ag import LinearAGCoefficients
 
-from conftest import guided_args, initial_noise
+from conftest import guided_args, initial_noise, plain_cfg
 from test_oracles import FaultyModel, run
 
 
@@ -114,14 +114,15 @@ def test_a_nan_step_is_never_cached_nor_regressed_on(denoiser, oracle_factory):
     """NaN from the model on a computed step: the step is recomputed in full or the run raises naming the step;
     the output is never NaN."""
     for bad_call in (3, 12, 25):
-        oracle = oracle_factory()
+        oracle, model = oracle_factory(), FaultyModel(denoiser, {bad_call})
         try:
-            out = run(denoiser, "euler", oracle, steps=30, batch=2, model=FaultyModel(denoiser, {bad_call}))
+            out = run(denoiser, "euler", oracle, steps=30, batch=2, model=model)
         except NonFiniteError as exc:
             assert "step" in str(exc) and "full CFG" in str(exc)
             continue
         assert torch.isfinite(out).all()
-        assert any("non-finite" in reason for _, reason in oracle.summary().overrides)
+        if model.calls >= bad_call:  # runs that skip a lot may finish before the faulty call
+            assert any("non-finite" in reason for _, reason in oracle.summary().overrides)
 
 
 def test_inf_from_the_model_is_treated_like_nan(denoiser):
@@ -277,8 +278,11 @@ def test_half_precision_latents(denoiser, dtype, factory):
     sigmas = denoiser.get_sigmas(30)
     x = initial_noise(2, sigmas[0]).to(dtype)
     oracle = factory()
-    out = A.sample_euler(MixedPrecision(denoiser), x, sigmas, extra_args=guided_args(2), disable=True, oracle=oracle)
-    assert out.dtype == dtype and out.device == x.device and torch.isfinite(out).all()
+    model = MixedPrecision(denoiser)
+    out = A.sample_euler(model, x, sigmas, extra_args=guided_args(2), disable=True, oracle=oracle)
+    # dtype follows k-diffusion's own loop on the same inputs (float32 sigmas promote the update)
+    theirs = K.sampling.sample_euler(plain_cfg(model), x, sigmas, extra_args=guided_args(2), disable=True)
+    assert out.dtype == theirs.dtype and out.device == x.device and torch.isfinite(out).all()
     reference = run(denoiser, "euler", factory(), steps=30, batch=2)
     assert (out.float() - reference).abs().mean() < 0.05
     if isinstance(oracle, O.AdaptiveGuidance):
