@@ -80,7 +80,7 @@ def default_oracles(sampler: str, steps: int) -> list[tuple[str, Callable[[], O.
         ("AdaptiveDiffusion", O.AdaptiveDiffusion),
         ("Compose", O.Compose),
         ("CFGTruncation 0.5", lambda: O.CFGTruncation(0.5)),
-        ("recommended", O.recommended),
+        ("recommended (Forecast)", O.recommended),
     ]
 
 
@@ -204,8 +204,8 @@ def sweep_families(sampler: str, steps: int) -> list[tuple[str, float, Callable[
         out.append(("Compose", d, lambda d=d: O.Compose(O.AdaptiveGuidance(), O.AdaptiveDiffusion(threshold=d))))
     for f in (0.0, 0.2, 0.4, 0.6, 0.8):
         out.append(("CFGTruncation", f, lambda f=f: O.CFGTruncation(f)))
-    for tol in (0.01, 0.03, 0.1, 0.3, 1.0):
-        out.append(("Forecast", tol, lambda tol=tol: Forecast(tolerance=tol)))
+    for budget in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8):
+        out.append(("Forecast", budget, lambda budget=budget: Forecast(budget=budget)))
     return out
 
 

@@ -52,8 +52,8 @@ KNOBS = {
                                         O.AdaptiveDiffusion(threshold=_log_interp(1e-4, 1.0, u))),
                     lambda u: {"ag_threshold": round(_ag_threshold(u), 6),
                                "ad_threshold": round(_log_interp(1e-4, 1.0, u), 6)}),
-    "forecast": Knob("forecast", lambda u: Forecast(tolerance=_log_interp(1e-3, 3.0, u)),
-                     lambda u: {"tolerance": round(_log_interp(1e-3, 3.0, u), 6)}),
+    "forecast": Knob("forecast", lambda u: Forecast(budget=1.0 - 0.8 * u),
+                     lambda u: {"budget": round(1.0 - 0.8 * u, 4), "order": 2, "warmup": 2}),
 }
 
 

@@ -19,7 +19,7 @@ def test_bench_quick_writes_tables_and_plots(tmp_path, capsys):
     assert main(["bench", "--quick", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "bench.json").read_text())
     methods = {r["method"] for r in rows}
-    assert {"full CFG", "AG", "LinearAG", "AdaptiveDiffusion", "Compose", "recommended"} <= methods
+    assert {"full CFG", "AG", "LinearAG", "AdaptiveDiffusion", "Compose", "recommended (Forecast)"} <= methods
     assert any(r["kind"] == "fewer steps" for r in rows) and any(r["kind"] == "truncation" for r in rows)
     full = next(r for r in rows if r["method"] == "full CFG")
     assert full["nfe"] == 2 * full["run_steps"]

@@ -41,9 +41,11 @@ BAD = [
     (lambda: O.Compose(skipping=O.AdaptiveGuidance()), "skipping must be an AdaptiveDiffusion"),
     (lambda: O.LinearAG(coefficients=3), "coefficients must be a LinearAGCoefficients"),
     (lambda: O.make_oracle("fastest"), "unknown oracle 'fastest'; choose one of"),
-    (lambda: Forecast(tolerance=float("nan")), "tolerance must be a finite number >= 0"),
+    (lambda: Forecast(budget=float("nan")), r"budget must be a number in \(0, 1\]"),
+    (lambda: Forecast(budget=0), r"budget must be a number in \(0, 1\]"),
+    (lambda: Forecast(budget=1.5), r"budget must be a number in \(0, 1\]"),
     (lambda: Forecast(order=3), "order must be 1 .* or 2"),
-    (lambda: Forecast(order=2, warmup=1), "warmup must be an integer >= 3"),
+    (lambda: Forecast(warmup=0), "warmup must be an integer >= 1"),
     (lambda: A.ddim_timesteps(0), r"n \(steps\) must be an integer in \[1, 1000\]"),
     (lambda: A.sample_ddim(None, torch.zeros(1, 1, 2, 2), torch.tensor([1.0, 0.0]), eta=2.0), r"eta must be a number in \[0, 1\]"),
 ]
@@ -69,6 +71,7 @@ RUN_BAD = [
     (dict(extra_args=dict(cond=torch.arange(2), uncond=None, cond_scale=3.0)), r"extra_args\['uncond'\] must not be None"),
     (dict(oracle=O.AdaptiveDiffusion(warmup=30)), r"warmup must be smaller than the number of steps \(20\)"),
     (dict(oracle=O.Schedule("F10")), "the schedule has 10 steps but the run has 20"),
+    (dict(oracle=Forecast(budget=0.1)), r"budget 0.1 allows 2 computed steps of 20, fewer than warmup"),
 ]
 
 
@@ -198,7 +201,7 @@ def test_disabled_adaptation_is_bit_identical_to_full_cfg(denoiser, steps, sigma
         sigmas[-1] = 0.02
     results = []
     for oracle in (O.FullCFG(), O.Compose(O.AdaptiveGuidance(threshold=1.0), O.AdaptiveDiffusion(threshold=0.0)),
-                   Forecast(tolerance=0.0)):
+                   Forecast(budget=1.0)):
         torch.manual_seed(5)
         results.append(A.SAMPLERS[sampler](denoiser, initial_noise(2, sigmas[0], seed=1), sigmas,
                                            extra_args=guided_args(2, scale), disable=True, oracle=oracle))
