@@ -120,7 +120,7 @@ class LinearAGCoefficients:
         if run.steps != self.steps:
             raise ValueError(f"coefficients were fitted for {self.steps} steps, not {run.steps}; "
                              "run calibrate-linear-ag for this step count")
-        if not np.allclose(run.sigmas, self.sigmas, rtol=1e-4, atol=1e-6):
+        if run.sigmas and not np.allclose(run.sigmas, self.sigmas, rtol=1e-4, atol=1e-6):
             raise ValueError("coefficients were fitted for another sigma schedule; "
                              "run calibrate-linear-ag with this schedule")
 

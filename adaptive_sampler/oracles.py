@@ -99,15 +99,19 @@ def per_sample_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class RunInfo:
-    """What an oracle knows about a run before its first step."""
+    """What an oracle knows about a run before its first step. ``sigmas`` may be empty when the host does not
+    expose its schedule (then ``steps`` must be given)."""
 
     sampler: str
     sigmas: tuple[float, ...]
     batch_size: int
+    steps: int = -1
 
-    @property
-    def steps(self) -> int:
-        return len(self.sigmas) - 1
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            object.__setattr__(self, "steps", len(self.sigmas) - 1)
+        if self.steps < 1:
+            raise ValueError(f"a run needs at least 1 step, got {self.steps}")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,171 @@
+"""AUTOMATIC1111 entry point for adaptive-sampler: registers the adaptive samplers, the "Adaptive sampling"
+accordion, its settings, infotext fields and X/Y/Z axes. The logic lives in ``adaptive_sampler.webui``."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import gradio as gr  # noqa: E402
+from modules import (script_callbacks, scripts, sd_samplers, sd_samplers_common, sd_samplers_kdiffusion,  # noqa: E402
+                     sd_samplers_timesteps, sd_samplers_timesteps_impl, shared)
+
+from adaptive_sampler import webui as W  # noqa: E402
+
+SECTION = ("adaptive_sampler", "Adaptive sampling")
+OPTION = {name: f"adaptive_sampler_{name}" for name in W.INFOTEXT}
+DEFAULTS = W.AdaptiveSettings()
+FORGE = W.is_forge(shared)
+
+DenoiserK = W.adaptive_denoiser_class(sd_samplers_kdiffusion.CFGDenoiserKDiffusion, "x0")
+DenoiserT = W.adaptive_denoiser_class(sd_samplers_timesteps.CFGDenoiserTimesteps, "eps")
+
+
+def settings_from_opts() -> W.AdaptiveSettings:
+    return W.AdaptiveSettings.from_mapping({n: getattr(shared.opts, key, getattr(DEFAULTS, n)) for n, key in OPTION.items()})
+
+
+def settings_for(p) -> W.AdaptiveSettings:
+    """Per-request settings (accordion / alwayson_scripts) over the Settings defaults, then X/Y/Z overrides."""
+    settings = getattr(p, "adaptive_settings", None) or settings_from_opts()
+    overrides = getattr(p, "adaptive_overrides", None)
+    if overrides:
+        settings = dataclasses.replace(settings, **{k: W._cast(k, v) for k, v in overrides.items()})
+    p.extra_generation_params.update(settings.infotext())
+    return settings
+
+
+def report(p, controller: W.StepController) -> None:
+    """Adaptive NFE used/full per image, summed over the passes of a generation (hires fix has two)."""
+    passes = p.__dict__.setdefault("adaptive_passes", {})
+    passes[id(controller)] = controller.nfe()
+    used = sum(u for u, _ in passes.values())
+    full = sum(f for _, f in passes.values())
+    if full:
+        p.extra_generation_params[W.NFE_FIELD] = f"{used}/{full}"
+
+
+def make_sampler_data(name: str, function: str, base: str):
+    base_data = sd_samplers.all_samplers_map[base]
+    if function == "ddim":
+        def constructor(model):
+            sampler = sd_samplers_timesteps.CompVisSampler(W.with_schedule(sd_samplers_timesteps_impl.ddim), model)
+            sampler.model_wrap_cfg = DenoiserT(sampler, settings_for, name, report)
+            sampler.model_wrap = sampler.model_wrap_cfg.inner_model
+            return sampler
+    else:
+        def constructor(model):
+            sampler = sd_samplers_kdiffusion.KDiffusionSampler(function, model)  # by name: keeps s_churn etc.
+            sampler.func = W.with_schedule(sampler.func)
+            sampler.model_wrap_cfg = DenoiserK(sampler, settings_for, name, report)
+            sampler.model_wrap = sampler.model_wrap_cfg.inner_model
+            return sampler
+    alias = name.lower().replace("+", "p").replace(" ", "_")
+    return sd_samplers_common.SamplerData(name, constructor, [alias], dict(base_data.options))
+
+
+if FORGE:
+    print("[adaptive-sampler] Forge detected: this extension supports AUTOMATIC1111 only; nothing was registered.")
+else:
+    W.register_samplers(sd_samplers, make_sampler_data)
+
+
+def on_ui_settings():
+    labels = {
+        "mode": ("Default mode", gr.Dropdown, {"choices": list(W.MODES)}),
+        "ag_threshold": ("AG threshold (cosine of cond/uncond; >= 1 disables)", gr.Number, {}),
+        "ag_space": ("AG prediction space", gr.Dropdown, {"choices": ["x0", "v", "eps"]}),
+        "ad_threshold": ("AdaptiveDiffusion skip threshold (0 disables)", gr.Number, {}),
+        "max_skips": ("AdaptiveDiffusion max skips in a row", gr.Number, {"precision": 0}),
+        "warmup": ("AdaptiveDiffusion warm-up steps (>= 4)", gr.Number, {"precision": 0}),
+        "budget": ("Forecast NFE budget (fraction of full CFG)", gr.Number, {}),
+    }
+    for name, key in OPTION.items():
+        label, component, args = labels[name]
+        shared.opts.add_option(key, shared.OptionInfo(getattr(DEFAULTS, name), label, component, args,
+                                                      section=SECTION, infotext=W.INFOTEXT[name]))
+
+
+script_callbacks.on_ui_settings(on_ui_settings)
+
+
+class AdaptiveSamplingScript(scripts.Script):
+    """The "Adaptive sampling" accordion; its args are also the API's alwayson_scripts args, in this order:
+    enable, mode, ag_threshold, ag_space, ad_threshold, max_skips, warmup, budget."""
+
+    def title(self):
+        return "Adaptive sampling"
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        with gr.Accordion("Adaptive sampling", open=False):
+            enable = gr.Checkbox(False, label="Enable (applies to built-in Euler, Euler a, DPM++ 2M, DDIM, ...; "
+                                               "the * Adaptive samplers use these values when enabled)")
+            mode = gr.Dropdown(list(W.MODES), value=DEFAULTS.mode, label="Mode")
+            with gr.Row():
+                ag_threshold = gr.Number(DEFAULTS.ag_threshold, label="AG threshold")
+                ag_space = gr.Dropdown(["x0", "v", "eps"], value=DEFAULTS.ag_space, label="AG space")
+                budget = gr.Number(DEFAULTS.budget, label="Forecast budget")
+            with gr.Row():
+                ad_threshold = gr.Number(DEFAULTS.ad_threshold, label="Skip threshold")
+                max_skips = gr.Number(DEFAULTS.max_skips, label="Max skips", precision=0)
+                warmup = gr.Number(DEFAULTS.warmup, label="Warm-up steps", precision=0)
+        controls = [enable, mode, ag_threshold, ag_space, ad_threshold, max_skips, warmup, budget]
+        self.infotext_fields = [(enable, lambda d: W.INFOTEXT["mode"] in d)] + [
+            (c, W.INFOTEXT[n]) for c, n in zip(controls[1:], W.INFOTEXT)]
+        self.paste_field_names = [W.INFOTEXT[n] for n in W.INFOTEXT]
+        return controls
+
+    def setup(self, p, enable=False, *values):
+        """Validate the per-request values early, so a bad API parameter fails the request with its message."""
+        p.adaptive_settings = None
+        if enable:
+            names = list(W.INFOTEXT)
+            p.adaptive_settings = W.AdaptiveSettings.from_mapping(dict(zip(names, values)))
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        sampler = getattr(p, "sampler", None)
+        if FORGE or not args or not args[0] or sampler is None or hasattr(sampler.model_wrap_cfg, "adaptive"):
+            return
+        name = sampler.config.name if sampler.config is not None else p.sampler_name
+        if name not in W.SUPPORTED_BUILTINS:
+            print(f"[adaptive-sampler] {name} is not supported (it calls the model more than once per step); "
+                  "sampling it unchanged.")
+            return
+        if isinstance(sampler, sd_samplers_timesteps.CompVisSampler):
+            sampler.func = W.with_schedule(sampler.func)
+            sampler.model_wrap_cfg = DenoiserT(sampler, settings_for, name, report)
+        else:
+            sampler.func = W.with_schedule(sampler.func)
+            sampler.model_wrap_cfg = DenoiserK(sampler, settings_for, name, report)
+        sampler.model_wrap = sampler.model_wrap_cfg.inner_model
+
+
+def _xyz_axes():
+    """Add X/Y/Z plot axes: mode and every threshold (they override the accordion / settings per cell)."""
+    xyz = next((s.module for s in scripts.scripts_data if s.script_class.__module__ == "xyz_grid.py"), None)
+    if xyz is None or any(getattr(o, "label", "").startswith("[Adaptive]") for o in xyz.axis_options):
+        return
+
+    def setter(name):
+        def apply(p, value, _):
+            p.__dict__.setdefault("adaptive_overrides", {})[name] = value
+        return apply
+
+    xyz.axis_options.append(xyz.AxisOption("[Adaptive] Mode", str, setter("mode"), choices=lambda: list(W.MODES)))
+    for name, kind in (("ag_threshold", float), ("ad_threshold", float), ("budget", float), ("max_skips", int),
+                       ("warmup", int)):
+        xyz.axis_options.append(xyz.AxisOption(f"[Adaptive] {W.INFOTEXT[name][len('Adaptive '):]}", kind,
+                                               setter(name)))
+    xyz.axis_options.append(xyz.AxisOption("[Adaptive] AG space", str, setter("ag_space"),
+                                           choices=lambda: ["x0", "v", "eps"]))
+
+
+script_callbacks.on_before_ui(_xyz_axes)

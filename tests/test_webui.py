@@ -1,0 +1,190 @@
+"""The A1111 glue without A1111: settings, infotext, registration, and the denoiser mechanics on a stand-in of
+A1111's CFGDenoiser (same row layout, combine and step counter) driving the real embedded model."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import k_diffusion as K
+
+from adaptive_sampler import embedded, webui as W
+from adaptive_sampler.oracles import Decision
+
+from conftest import CountingModel, initial_noise
+
+
+# -- settings and infotext --------------------------------------------------------------------------------------
+def test_settings_round_trip_through_infotext():
+    s = W.AdaptiveSettings(mode="ag+adaptive-diffusion", ag_threshold=0.995, ad_threshold=0.02, max_skips=3)
+    text = s.infotext()
+    assert text[W.INFOTEXT["mode"]] == "ag+adaptive-diffusion" and W.INFOTEXT["budget"] not in text
+    parsed = W.AdaptiveSettings.from_infotext({k: str(v) for k, v in text.items()})
+    assert parsed == s
+    assert W.AdaptiveSettings.from_infotext({"Steps": "20"}) is None
+
+
+@pytest.mark.parametrize("values,message", [
+    (dict(mode="turbo"), "mode must be one of"),
+    (dict(ag_threshold=float("nan")), "threshold must be a finite number"),
+    (dict(ag_space="logit"), "space must be one of"),
+    (dict(ad_threshold=-1), "threshold must be a finite number >= 0"),
+    (dict(max_skips=0), "max_skips must be an integer >= 1"),
+    (dict(warmup=2), "warmup must be an integer >= 4"),
+    (dict(budget=1.5), r"budget must be a number in \(0, 1\]"),
+    (dict(max_skips="many"), "max_skips must be a number"),
+    (dict(colour=1), "unknown adaptive setting"),
+])
+def test_bad_settings_name_the_parameter(values, message):
+    with pytest.raises(ValueError, match=message):
+        W.AdaptiveSettings.from_mapping(values)
+
+
+# -- registration -----------------------------------------------------------------------------------------------
+def fake_sd_samplers():
+    base = [SimpleNamespace(name=n, options={}) for n in ("DPM++ 2M", "Euler", "Euler a", "DPM++ 2M SDE", "DDIM")]
+    calls = SimpleNamespace(set_samplers=0, cache_clear=0)
+    lookup = SimpleNamespace(cache_clear=lambda: setattr(calls, "cache_clear", calls.cache_clear + 1))
+    module = SimpleNamespace(all_samplers=list(base), all_samplers_map={s.name: s for s in base},
+                             set_samplers=lambda: setattr(calls, "set_samplers", calls.set_samplers + 1),
+                             get_sampler_and_scheduler=lookup)
+    return module, calls
+
+
+def test_registration_adds_every_sampler_once_and_replaces_on_reload():
+    module, calls = fake_sd_samplers()
+    make = lambda name, function, base: SimpleNamespace(name=name, function=function, base=base)  # noqa: E731
+    names = W.register_samplers(module, make)
+    assert names == ["Euler Adaptive", "Euler a Adaptive", "DPM++ 2M Adaptive", "DPM++ 2M SDE Adaptive", "DDIM Adaptive"]
+    first = module.all_samplers_map["Euler Adaptive"]
+    W.register_samplers(module, make)  # Reload UI re-imports the script
+    assert [s.name for s in module.all_samplers].count("Euler Adaptive") == 1
+    assert module.all_samplers_map["Euler Adaptive"] is not first
+    assert calls.set_samplers == 2 and calls.cache_clear == 2
+
+
+def test_sampler_names_do_not_end_in_a_scheduler_word():
+    scheduler_words = {"karras", "exponential", "uniform", "simple", "normal", "ddim", "beta", "automatic",
+                       "sgm uniform", "kl optimal", "align your steps", "polyexponential"}
+    for name, _, _ in W.ADAPTIVE_SAMPLERS:
+        assert not any(name.lower().endswith(" " + w) for w in scheduler_words), name
+
+
+# -- the denoiser mechanics on a stand-in of A1111's CFGDenoiser -------------------------------------------------
+Entry = SimpleNamespace
+
+
+def conds(labels, switch_at=None, to=None):
+    """A1111-shaped prompt schedules: one sub-prompt per image, optionally switching label at step ``switch_at``."""
+    batch = []
+    for label in labels:
+        schedules = [Entry(end_at_step=10 ** 6, cond=torch.tensor(label))]
+        if switch_at is not None:
+            schedules = [Entry(end_at_step=switch_at - 1, cond=torch.tensor(label)),
+                         Entry(end_at_step=10 ** 6, cond=torch.tensor(to))]
+        batch.append([SimpleNamespace(schedules=schedules, weight=1.0)])
+    uncond = [[Entry(end_at_step=10 ** 6, cond=torch.tensor(embedded.NULL_LABEL))] for _ in labels]
+    return SimpleNamespace(batch=batch), uncond
+
+
+def current(schedules, step):
+    return next(e.cond for e in schedules if step <= e.end_at_step)
+
+
+class StandInCFGDenoiser(torch.nn.Module):
+    """A1111's CFGDenoiser row layout and arithmetic: cond rows per image, then one uncond row per image, one
+    inner-model call, ``uncond + sum_j w_j * scale * (cond_j - uncond)``, ``step += 1``."""
+
+    model = None
+
+    def __init__(self, sampler):
+        super().__init__()
+        self.sampler, self.step, self.total_steps = sampler, 0, None
+        self.p = SimpleNamespace(extra_generation_params={})
+
+    @property
+    def inner_model(self):
+        return type(self).model
+
+    def combine_denoised(self, x_out, conds_list, uncond, cond_scale):
+        denoised_uncond = x_out[-uncond.shape[0]:]
+        denoised = torch.clone(denoised_uncond)
+        for i, c in enumerate(conds_list):
+            for index, weight in c:
+                denoised[i] += (x_out[index] - denoised_uncond[i]) * (weight * cond_scale)
+        return denoised
+
+    def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
+        rows, conds_list = [], []
+        for per_image in cond.batch:
+            conds_list.append([(len(rows) + j, c.weight) for j, c in enumerate(per_image)])
+            rows += [current(c.schedules, self.step) for c in per_image]
+        u = torch.stack([current(per_image, self.step) for per_image in uncond])
+        repeats = [len(per_image) for per_image in cond.batch]
+        x_in = torch.cat([x[i:i + 1].expand(n, *x.shape[1:]) for i, n in enumerate(repeats)] + [x])
+        sigma_in = torch.cat([sigma[i:i + 1].expand(n) for i, n in enumerate(repeats)] + [sigma])
+        x_out = self.inner_model(x_in, sigma_in, cond=torch.cat([torch.stack(rows), u]))
+        denoised = self.combine_denoised(x_out, conds_list, u, cond_scale)
+        self.step += 1
+        return denoised
+
+
+def make(settings, counting, steps):
+    StandInCFGDenoiser.model = counting
+    cls = W.adaptive_denoiser_class(StandInCFGDenoiser, "x0")
+    denoiser = cls(sampler=None, settings_for=lambda p: settings, sampler_name="Euler Adaptive",
+                   report=lambda p, ctl: p.extra_generation_params.__setitem__(W.NFE_FIELD, "%d/%d" % ctl.nfe()))
+    denoiser.total_steps = steps
+    return denoiser
+
+
+def sample(denoiser, labels, steps=20, scale=3.0, sampler=K.sampling.sample_euler, **conds_kw):
+    sigmas = embedded.load_denoiser().get_sigmas(steps)
+    cond, uncond = conds(labels, **conds_kw)
+    x = initial_noise(len(labels), sigmas[0])
+    torch.manual_seed(0)
+    run = W.with_schedule(sampler)
+    return run(denoiser, x, sigmas=sigmas, disable=True,
+               extra_args=dict(cond=cond, uncond=uncond, cond_scale=scale, s_min_uncond=0.0, image_cond=None))
+
+
+@pytest.mark.parametrize("sampler", [K.sampling.sample_euler, K.sampling.sample_dpmpp_2m, K.sampling.sample_euler_ancestral])
+def test_disabled_adaptation_is_identical_to_the_stock_denoiser(denoiser, sampler):
+    labels = [1, 7, 3]
+    StandInCFGDenoiser.model = denoiser
+    stock = sample(StandInCFGDenoiser(None), labels, sampler=sampler)
+    for settings in (W.AdaptiveSettings(mode="off"), W.AdaptiveSettings(mode="ag", ag_threshold=1.0),
+                     W.AdaptiveSettings(mode="adaptive-diffusion", ad_threshold=0.0)):
+        assert torch.equal(sample(make(settings, denoiser, 20), labels, sampler=sampler), stock)
+
+
+@pytest.mark.parametrize("mode", ["ag", "linear-ag", "adaptive-diffusion", "ag+adaptive-diffusion", "forecast"])
+def test_each_mode_evaluates_fewer_rows_and_advances_step_every_call(denoiser, mode):
+    labels = [2, 5]
+    counting = CountingModel(denoiser)
+    d = make(W.AdaptiveSettings(mode=mode), counting, 50)
+    out = sample(d, labels, steps=50)
+    summary = d.adaptive.oracle.summary()
+    assert d.step == 50  # one advance per sampler step, also on CACHED steps
+    assert counting.rows == summary.nfe * len(labels) < 100 * len(labels)
+    assert d.p.extra_generation_params[W.NFE_FIELD] == f"{summary.nfe}/100"
+    StandInCFGDenoiser.model = denoiser
+    full = sample(StandInCFGDenoiser(None), labels, steps=50)
+    assert 10 * math.log10(4 / (out - full).pow(2).mean().item()) > 25  # same picture, within fidelity bounds
+
+
+def test_cond_only_is_a1111s_own_cond_only_path(denoiser):
+    """COND steps evaluate only the conditional rows and give exactly the conditional prediction."""
+    counting = CountingModel(denoiser)
+    d = make(W.AdaptiveSettings(mode="ag", ag_threshold=-1.0), counting, 10)  # switches after step 0
+    sample(d, [4, 9], steps=10)
+    assert d.adaptive.oracle.decisions == [Decision.FULL] + [Decision.COND] * 9
+    assert counting.rows == 4 + 9 * 2
+
+
+def test_prompt_editing_forces_a_full_step_at_the_switch(denoiser):
+    d = make(W.AdaptiveSettings(mode="ag+adaptive-diffusion", ag_threshold=0.5, ad_threshold=1.0), denoiser, 20)
+    sample(d, [3, 3], steps=20, switch_at=10, to=8)
+    decisions = d.adaptive.oracle.decisions
+    assert decisions[10] is Decision.FULL
+    assert Decision.CACHED in decisions[:10] and Decision.COND in decisions[:10]
