@@ -35,6 +35,10 @@ def pareto_plot(points: Sequence[dict], path: str | Path, title: str = "") -> Pa
         ax.set_ylabel("PSNR vs full CFG (dB)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,9 +81,4 @@ def run_plot(decisions: Sequence[Decision], gammas: Sequence[float | None], ag_t
     axes[3].set_yticks([0, 1], ["greedy", "estimator"])
     axes[3].set_ylim(-0.5, 1.5)
     axes[3].set_xlabel("step")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

@@ -6,20 +6,16 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from .metrics import psnr
 from .oracles import Decision, FullCFG, Schedule
 from .sampling import SAMPLERS
-
-
-def _psnr(a: torch.Tensor, b: torch.Tensor, data_range: float) -> float:
-    mse = float((a.double() - b.double()).pow(2).mean())
-    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(data_range ** 2 / mse)).item()
 
 
 def greedy_skip_path(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor,
                      extra_args: Mapping[str, Any], sampler: str = "euler", min_psnr: float = 40.0,
                      warmup: int = 4, data_range: float = 2.0, **sampler_kwargs: Any) -> Schedule:
     """Walk the steps in order and skip (CACHED) each one whose skip keeps the final image within ``min_psnr`` dB of
-    the full-CFG output; returns the plan as a :class:`Schedule`.
+    the full-CFG output (every image of the batch, if ``x`` holds several); returns the plan as a :class:`Schedule`.
 
     Every trial reruns the whole sample, so the cost is about ``steps`` sampling runs. The first ``warmup`` steps
     are never skipped (the estimator cannot skip them either), which keeps the two paths comparable.
@@ -42,6 +38,6 @@ def greedy_skip_path(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas
     for i in range(warmup, steps):
         trial = plan.copy()
         trial[i] = Decision.CACHED
-        if _psnr(final(Schedule(trial)), reference, data_range) >= min_psnr:
+        if float(psnr(final(Schedule(trial)), reference, data_range).min()) >= min_psnr:
             plan = trial
     return Schedule(plan)

@@ -7,6 +7,8 @@ from torch import nn
 
 
 class DigitsClassifier(nn.Module):
+    """Two conv layers and two dense layers; ``features`` (64-d, after ReLU) is the penultimate layer."""
+
     FEATURES = 64
 
     def __init__(self) -> None:

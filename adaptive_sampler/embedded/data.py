@@ -15,7 +15,7 @@ def load_digits_dataset(split: str = "all") -> tuple[torch.Tensor, torch.Tensor]
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("the digits data comes from scikit-learn: pip install 'adaptive-sampler[train]'") from exc
+        raise ImportError("the digits data comes from scikit-learn: pip install scikit-learn") from exc
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
     x = torch.nn.functional.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False) * 2 - 1

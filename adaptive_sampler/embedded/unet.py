@@ -18,6 +18,8 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv residual block; the (time + label) embedding enters as a per-channel bias, as in SD."""
+
     def __init__(self, cin: int, cout: int, emb: int) -> None:
         super().__init__()
         self.norm1 = nn.GroupNorm(8, cin)

@@ -1,0 +1,199 @@
+"""Integration suite against a real AUTOMATIC1111 install (v1.10.1), through its HTTP API.
+
+Runs only when ``A1111_DIR`` points at a WebUI checkout with a checkpoint in ``models/Stable-diffusion`` (a
+random-weight SD-1.5 checkpoint is enough). The server is started headless on 127.0.0.1 with this repository
+linked as an extension; ``A1111_PYTHON`` (default ``$A1111_DIR/venv/bin/python``) and ``A1111_ARGS`` (extra
+command-line flags) adjust how. Slow on a CPU: tens of seconds per request.
+"""
+
+import base64
+import io
+import json
+import os
+import shlex
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+A1111_DIR = os.environ.get("A1111_DIR")
+pytestmark = pytest.mark.skipif(not A1111_DIR, reason="A1111_DIR is not set: no real A1111 to test against")
+
+REPO = Path(__file__).resolve().parents[2]
+ADAPTIVE = ["Euler Adaptive", "Euler a Adaptive", "DPM++ 2M Adaptive", "DPM++ 2M SDE Adaptive", "DDIM Adaptive"]
+BUILTIN = {"Euler Adaptive": "Euler", "Euler a Adaptive": "Euler a", "DPM++ 2M Adaptive": "DPM++ 2M",
+           "DPM++ 2M SDE Adaptive": "DPM++ 2M SDE", "DDIM Adaptive": "DDIM"}
+SCRIPT = "adaptive sampling"
+BASE = dict(prompt="a red apple", negative_prompt="blurry", seed=1234, steps=8, width=64, height=64, cfg_scale=5)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    root = Path(A1111_DIR)
+    if not any((root / "models" / "Stable-diffusion").glob("*.safetensors")):
+        pytest.skip("no checkpoint in $A1111_DIR/models/Stable-diffusion")
+    link = root / "extensions" / "adaptive-sampler"
+    link.parent.mkdir(exist_ok=True)
+    if not link.exists():
+        link.symlink_to(REPO, target_is_directory=True)
+    python = os.environ.get("A1111_PYTHON", str(root / "venv" / "bin" / "python"))
+    port = _free_port()
+    args = ["--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--skip-version-check",
+            "--use-cpu", "all", "--no-half", "--precision", "full", "--no-download-sd-model",
+            "--server-name", "127.0.0.1", "--port", str(port), "--api", "--nowebui"]
+    args += shlex.split(os.environ.get("A1111_ARGS", ""))
+    log = open(REPO / "tests" / "webui" / "a1111_server.log", "w")
+    proc = subprocess.Popen([python, "launch.py", *args], cwd=root, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"A1111 exited with {proc.returncode}; see tests/webui/a1111_server.log")
+        try:
+            urllib.request.urlopen(url + "/sdapi/v1/samplers", timeout=5)
+            break
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(3)
+    else:
+        proc.terminate()
+        pytest.fail("A1111 did not answer within 10 minutes")
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def call(url, path, payload=None, expect_error=False):
+    data = None if payload is None else json.dumps(payload).encode()
+    req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=1800) as r:
+            body = json.loads(r.read())
+            assert not expect_error, f"expected an HTTP error, got {body.get('info', body)}"
+            return body
+    except urllib.error.HTTPError as e:
+        if expect_error:
+            return e.code, e.read().decode()
+        raise AssertionError(f"HTTP {e.code}: {e.read().decode()[:2000]}") from None
+
+
+def txt2img(url, **kw):
+    body = call(url, "/sdapi/v1/txt2img", {**BASE, **kw})
+    info = json.loads(body["info"])
+    return [decode(b) for b in body["images"]], info["infotexts"]
+
+
+def decode(b64):
+    from PIL import Image
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+def fields(infotext):
+    last = infotext.strip().split("\n")[-1]
+    out = {}
+    for part in last.split(", "):
+        if ": " in part:
+            k, v = part.split(": ", 1)
+            out[k.strip()] = v.strip().strip('"')
+    return out
+
+
+def adaptive_args(enable=True, mode="forecast", ag_threshold=0.991, ag_space="x0", ad_threshold=0.01, max_skips=4,
+                  warmup=4, budget=0.5):
+    return {SCRIPT: {"args": [enable, mode, ag_threshold, ag_space, ad_threshold, max_skips, warmup, budget]}}
+
+
+def test_samplers_are_listed(server):
+    names = [s["name"] for s in call(server, "/sdapi/v1/samplers")]
+    for name in ADAPTIVE:
+        assert name in names
+
+
+@pytest.mark.parametrize("name", ADAPTIVE)
+def test_each_adaptive_sampler_generates_and_saves_nfe(server, name):
+    images, infotexts = txt2img(server, sampler_name=name)
+    f = fields(infotexts[0])
+    assert f["Sampler"] == name  # the API silently falls back on unknown names: check what ran
+    used, full = map(int, f["Adaptive NFE"].split("/"))
+    assert used < full and f["Adaptive mode"] == "forecast"
+    assert images[0].shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize("name", ADAPTIVE)
+def test_disabled_adaptation_is_pixel_identical_to_the_builtin(server, name):
+    ours, info_ours = txt2img(server, sampler_name=name, alwayson_scripts=adaptive_args(mode="ag", ag_threshold=1.0))
+    theirs, info_theirs = txt2img(server, sampler_name=BUILTIN[name])
+    assert fields(info_theirs[0])["Sampler"] == BUILTIN[name]
+    used, full = map(int, fields(info_ours[0])["Adaptive NFE"].split("/"))
+    assert used == full
+    assert np.array_equal(ours[0], theirs[0])
+
+
+def test_override_settings_change_the_recorded_parameters(server):
+    _, infotexts = txt2img(server, sampler_name="Euler Adaptive",
+                           override_settings={"adaptive_sampler_mode": "ag", "adaptive_sampler_ag_threshold": 0.97})
+    f = fields(infotexts[0])
+    assert f["Adaptive mode"] == "ag" and float(f["Adaptive AG threshold"]) == 0.97
+
+
+def test_alwayson_scripts_change_the_recorded_parameters_and_infotext_restores_them(server):
+    _, infotexts = txt2img(server, sampler_name="DPM++ 2M Adaptive",
+                           alwayson_scripts=adaptive_args(mode="ag+adaptive-diffusion", ad_threshold=0.05, max_skips=2))
+    f = fields(infotexts[0])
+    assert f["Adaptive mode"] == "ag+adaptive-diffusion" and float(f["Adaptive skip threshold"]) == 0.05
+    assert int(f["Adaptive max skips"]) == 2
+    _, again = txt2img(server, infotext=infotexts[0])
+    g = fields(again[0])
+    assert {k: g[k] for k in f if k.startswith("Adaptive ") and k != "Adaptive NFE"} == \
+        {k: f[k] for k in f if k.startswith("Adaptive ") and k != "Adaptive NFE"}
+
+
+def test_the_accordion_adapts_a_builtin_sampler(server):
+    _, infotexts = txt2img(server, sampler_name="Euler", alwayson_scripts=adaptive_args(mode="ag", ag_threshold=0.5))
+    f = fields(infotexts[0])
+    used, full = map(int, f["Adaptive NFE"].split("/"))
+    assert f["Sampler"] == "Euler" and used < full
+
+
+@pytest.mark.parametrize("extra", [
+    dict(enable_hr=True, hr_scale=1.5, hr_second_pass_steps=4, denoising_strength=0.5, hr_upscaler="Latent",
+         hr_sampler_name="Euler Adaptive"),
+    dict(batch_size=2),
+    dict(prompt="[a red apple:a green pear:0.5] AND a table"),
+])
+def test_hires_batch_prompt_editing_and_and_prompts_run(server, extra):
+    images, infotexts = txt2img(server, sampler_name="DPM++ 2M Adaptive", **extra)
+    assert len(images) >= extra.get("batch_size", 1)
+    used, full = map(int, fields(infotexts[0])["Adaptive NFE"].split("/"))
+    assert 0 < used < full
+
+
+def test_img2img_runs_from_a_mid_way_schedule(server):
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(buf, format="PNG")
+    body = call(server, "/sdapi/v1/img2img", {**BASE, "init_images": [base64.b64encode(buf.getvalue()).decode()],
+                                               "denoising_strength": 0.6, "sampler_name": "Euler Adaptive"})
+    f = fields(json.loads(body["info"])["infotexts"][0])
+    assert f["Sampler"] == "Euler Adaptive" and "Adaptive NFE" in f
+
+
+def test_a_bad_parameter_is_an_http_error_with_a_clear_message(server):
+    code, text = call(server, "/sdapi/v1/txt2img",
+                      {**BASE, "sampler_name": "Euler Adaptive", "alwayson_scripts": adaptive_args(max_skips=0)},
+                      expect_error=True)
+    assert code >= 400 and "max_skips must be an integer >= 1" in text
