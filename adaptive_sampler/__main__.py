@@ -114,6 +114,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rows += bench.cell(sampler, steps, scale, B.default_oracles(sampler, steps))
     md, js = B.write_outputs(rows, out)
     print(B.markdown(rows))
+    print(B.verdicts(rows))
     extra = {"loop_overhead": overhead}
     if not args.no_sweep:
         points = []

@@ -183,10 +183,31 @@ def markdown(rows: Sequence[Row]) -> str:
     return "\n".join(out) + "\n"
 
 
+def verdicts(rows: Sequence[Row]) -> str:
+    """One line per adaptive method: NFE ratio and PSNR in every cell next to "fewer steps" at equal NFE."""
+    cells = sorted({(r.sampler, r.steps, r.scale) for r in rows})
+    methods = list(dict.fromkeys(r.method for r in rows if r.kind == "adaptive"))
+    head = "| method | " + " | ".join(f"{s} {n}/{c:g}" for s, n, c in cells) + " | wins |"
+    out = ["PSNR (dB) against full CFG, adaptive / fewer steps at equal NFE, and the adaptive method's NFE ratio:\n",
+           head, "|---|" + "---:|" * (len(cells) + 1)]
+    for m in methods:
+        parts, wins = [], 0
+        for cell in cells:
+            ours = next(r for r in rows if (r.sampler, r.steps, r.scale) == cell and r.method == m)
+            base = next(r for r in rows if (r.sampler, r.steps, r.scale) == cell and r.baseline_for == m
+                        and r.kind == "fewer steps")
+            win = ours.psnr > base.psnr
+            wins += win
+            mark = "**" if win else ""
+            parts.append(f"{mark}{ours.psnr:.1f}{mark} / {base.psnr:.1f} ({ours.nfe_ratio:.2f})")
+        out.append(f"| {m} | " + " | ".join(parts) + f" | {wins}/{len(cells)} |")
+    return "\n".join(out) + "\n"
+
+
 def write_outputs(rows: Sequence[Row], out_dir: Path, name: str = "bench") -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     md, js = out_dir / f"{name}.md", out_dir / f"{name}.json"
-    md.write_text(markdown(rows))
+    md.write_text("## Adaptive vs fewer steps\n\n" + verdicts(rows) + "\n## Every cell\n" + markdown(rows))
     js.write_text(json.dumps([asdict(r) for r in rows], indent=1, default=float) + "\n")
     return md, js
 

@@ -35,13 +35,14 @@ def extrapolate(points: list[tuple[float, torch.Tensor]], at: float) -> torch.Te
 
 
 def computed_steps(steps: int, budget: float, warmup: int) -> frozenset[int]:
-    """The steps a budget computes: warm-up, the last step, and the rest evenly spaced among the middle steps."""
-    total = int(math.floor(budget * steps + 1e-9))
+    """The steps a budget computes: warm-up, the last step, and the rest evenly spaced among the middle steps.
+
+    A run too short for the budget (fewer than ``warmup + 1`` computed steps) still computes the warm-up and the
+    last step: forecasting from nothing would be a guess. :class:`Forecast` reports such runs in its overrides.
+    """
+    total = max(int(math.floor(budget * steps + 1e-9)), min(steps, warmup + 1))
     if total >= steps:
         return frozenset(range(steps))
-    if total < warmup + 1:
-        raise ValueError(f"budget {budget} allows {total} computed steps of {steps}, fewer than warmup + the last "
-                         f"step ({warmup + 1}); raise budget, lower warmup or use more steps")
     middle = list(range(warmup, steps - 1))
     extra = total - warmup - 1
     chosen = {middle[round((j + 1) * len(middle) / (extra + 1))] for j in range(extra)}
@@ -75,9 +76,10 @@ class Forecast(Oracle):
         return f"Forecast(budget={self.budget}, order={self.order}, warmup={self.warmup})"
 
     def _begin(self, run: RunInfo) -> None:
-        if self.warmup >= run.steps and self.budget < 1.0:
-            raise ValueError(f"warmup must be smaller than the number of steps ({run.steps}), got {self.warmup}")
         self.plan = computed_steps(run.steps, self.budget, self.warmup)
+        if len(self.plan) > self.budget * run.steps + 1e-9:
+            self.overrides.append((0, f"budget {self.budget} raised to {len(self.plan)}/{run.steps} computed steps: "
+                                      f"a {run.steps}-step run needs warm-up ({self.warmup}) and the last step"))
         self._history.clear()
         self._forecast = None
 

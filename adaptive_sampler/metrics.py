@@ -52,7 +52,8 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0, sigma: float
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
     if a.shape != b.shape or a.ndim != 4:
-        raise ValueError(f"images must be two [N, C, H, W] tensors of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(f"images must be two [N, C, H, W] tensors of the same shape, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
 
 
 def _classifier(classifier: torch.nn.Module | None) -> torch.nn.Module:

@@ -31,7 +31,13 @@ def settings_from_opts() -> W.AdaptiveSettings:
 
 
 def settings_for(p) -> W.AdaptiveSettings:
-    """Per-request settings (accordion / alwayson_scripts) over the Settings defaults, then X/Y/Z overrides."""
+    """Per-request settings (accordion / alwayson_scripts) over the Settings defaults, then X/Y/Z overrides.
+
+    Called by the adaptive denoiser at its first step: an error raised here fails the request (A1111 swallows
+    exceptions raised in script hooks, which would silently fall back to the defaults)."""
+    error = getattr(p, "adaptive_error", None)
+    if error:
+        raise ValueError(error)
     settings = getattr(p, "adaptive_settings", None) or settings_from_opts()
     overrides = getattr(p, "adaptive_overrides", None)
     if overrides:
@@ -124,18 +130,21 @@ class AdaptiveSamplingScript(scripts.Script):
         return controls
 
     def setup(self, p, enable=False, *values):
-        """Validate the per-request values early, so a bad API parameter fails the request with its message."""
-        p.adaptive_settings = None
+        """Validate the per-request values; a bad one is kept and raised by the denoiser, which fails the request
+        with its message (an exception here would only be logged)."""
+        p.adaptive_settings = p.adaptive_error = None
         if enable:
-            names = list(W.INFOTEXT)
-            p.adaptive_settings = W.AdaptiveSettings.from_mapping(dict(zip(names, values)))
+            try:
+                p.adaptive_settings = W.AdaptiveSettings.from_mapping(dict(zip(W.INFOTEXT, values)))
+            except (TypeError, ValueError) as exc:
+                p.adaptive_error = f"Adaptive sampling: {exc}"
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         sampler = getattr(p, "sampler", None)
         if FORGE or not args or not args[0] or sampler is None or hasattr(sampler.model_wrap_cfg, "adaptive"):
             return
         name = sampler.config.name if sampler.config is not None else p.sampler_name
-        if name not in W.SUPPORTED_BUILTINS:
+        if name not in W.SUPPORTED_BUILTINS and not getattr(p, "adaptive_error", None):
             print(f"[adaptive-sampler] {name} is not supported (it calls the model more than once per step); "
                   "sampling it unchanged.")
             return

@@ -11,6 +11,16 @@ from adaptive_sampler.embedded.train import train_model
 from adaptive_sampler.metrics import classifier_accuracy
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Batches of 16x16 images gain little from intra-op threads, and on shared cores two threads can run 20x
+    slower than one (measured: 50 guided Euler steps on 50 images, 1.6 s vs 33 s while other jobs ran)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_schedule_is_stable_diffusions(denoiser):
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
     alphas = torch.cumprod(1 - betas, 0)
@@ -143,4 +153,4 @@ def test_training_is_seeded_and_learns(tmp_path):
     b = train_model(tmp_path / "b.safetensors", seed=3, iterations=40, batch_size=16, progress=False)
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
     assert a["final_loss"] == b["final_loss"]
-    assert a["final_loss"] < 0.8 * a["initial_loss"]
+    assert a["final_loss"] < 0.6 * a["initial_loss"]  # measured about 0.35-0.4x over seeds 0, 3, 7

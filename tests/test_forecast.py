@@ -19,11 +19,22 @@ def test_extrapolation_is_exact_for_polynomials_of_its_order():
     assert torch.allclose(extrapolate([(t, line(t)) for t in (3.0, 2.0)], 0.5), line(0.5), atol=1e-5)
 
 
-@pytest.mark.parametrize("steps,budget,warmup", [(50, 0.5, 2), (20, 0.5, 2), (20, 0.3, 3), (7, 0.6, 1), (10, 1.0, 2)])
+@pytest.mark.parametrize("steps,budget,warmup", [(50, 0.5, 2), (20, 0.5, 2), (20, 0.3, 3), (7, 0.6, 1), (10, 1.0, 2),
+                                                 (20, 0.1, 2)])
 def test_plan_spends_the_budget(steps, budget, warmup):
     plan = computed_steps(steps, budget, warmup)
-    assert len(plan) == min(steps, int(budget * steps + 1e-9))
+    assert len(plan) == min(steps, max(int(budget * steps + 1e-9), warmup + 1))
     assert set(range(warmup)) <= plan and steps - 1 in plan
+
+
+def test_a_run_too_short_for_the_budget_computes_warmup_and_last_step_and_says_so(denoiser):
+    oracle = Forecast(budget=0.5, warmup=2)
+    run(denoiser, "euler", oracle, steps=4, batch=2)
+    assert oracle.summary().schedule == "FFSF"
+    assert oracle.summary().overrides == ((0, "budget 0.5 raised to 3/4 computed steps: a 4-step run needs "
+                                               "warm-up (2) and the last step"),)
+    run(denoiser, "euler", oracle, steps=2, batch=2)
+    assert oracle.summary().schedule == "FF"
 
 
 @pytest.mark.parametrize("sampler", MAIN_SAMPLERS)

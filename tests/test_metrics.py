@@ -10,6 +10,15 @@ from adaptive_sampler import embedded
 from adaptive_sampler.metrics import classifier_accuracy, feature_statistics, frechet_distance, psnr, ssim
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """As in test_embedded: one intra-op thread is faster for these small batches, and far faster on shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def pairs():
     images, _ = embedded.load_digits_dataset("test")
@@ -71,11 +80,15 @@ def test_frechet_distance_is_zero_for_a_set_with_itself_and_grows_with_noise(cla
 
 
 def test_frechet_distance_is_the_fid_formula(classifier):
-    """Same number as the textbook ``scipy.linalg.sqrtm`` formula where that is well conditioned (many samples),
-    symmetric, and still ~0 for a small set with itself (singular covariance)."""
+    """Same number as the textbook ``scipy.linalg.sqrtm`` formula, which needs non-singular covariances and so is
+    applied to the features that are alive (dead ReLU units are 0 on every image and add nothing); symmetric; and
+    still ~0 for a small set with itself (a singular covariance)."""
     images, _ = embedded.load_digits_dataset("all")
     (mu1, s1), (mu2, s2) = feature_statistics(images[:900], classifier), feature_statistics(images[900:], classifier)
-    textbook = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2) - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2).real)
+    alive = np.flatnonzero((np.diag(s1) > 0) & (np.diag(s2) > 0))
+    assert 0 < len(alive) < len(mu1)
+    l1, l2 = s1[np.ix_(alive, alive)], s2[np.ix_(alive, alive)]
+    textbook = (((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2) - 2 * np.trace(scipy.linalg.sqrtm(l1 @ l2).real))
     assert frechet_distance((mu1, s1), (mu2, s2)) == pytest.approx(textbook, rel=1e-6)
     assert frechet_distance((mu2, s2), (mu1, s1)) == pytest.approx(textbook, rel=1e-6)
     assert abs(frechet_distance(images[:20], images[:20], classifier)) < 1e-6

@@ -11,6 +11,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import torch
 from k_diffusion.external import DiscreteEpsDDPMDenoiser
 from safetensors.torch import load_file
@@ -30,16 +31,22 @@ __all__ = ["NUM_CLASSES", "NULL_LABEL", "IMAGE_SHAPE", "WEIGHTS_DIR", "DigitsUNe
 
 
 def sd_alphas_cumprod() -> torch.Tensor:
-    """Stable Diffusion 1.x's discrete schedule: scaled-linear betas 0.00085 -> 0.012 over 1000 steps."""
+    """Stable Diffusion 1.x's discrete schedule: scaled-linear betas 0.00085 -> 0.012 over 1000 steps, computed in
+    float64 and stored in float32 as CompVis (and so A1111's ``CompVisDenoiser``) does."""
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
     return torch.cumprod(1 - betas, dim=0).float()
 
 
-def _load(module: torch.nn.Module, name: str) -> torch.nn.Module:
+def _weights(name: str) -> Path:
     path = WEIGHTS_DIR / name
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: reinstall the package or run `python -m adaptive_sampler train-model`")
-    module.load_state_dict(load_file(str(path)))
+        raise FileNotFoundError(f"{path} is missing: reinstall the package or run "
+                                "`python -m adaptive_sampler train-model`")
+    return path
+
+
+def _load(module: torch.nn.Module, name: str) -> torch.nn.Module:
+    module.load_state_dict(load_file(str(_weights(name))))
     return module.eval().requires_grad_(False)
 
 
@@ -53,12 +60,9 @@ def load_denoiser(device: str | torch.device = "cpu") -> DiscreteEpsDDPMDenoiser
     return DiscreteEpsDDPMDenoiser(load_unet(), sd_alphas_cumprod(), quantize=False).to(device)
 
 
-def reference_statistics() -> tuple:
+def reference_statistics() -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance (float64 numpy) of the classifier features of all real digits, for Fréchet distances."""
-    path = WEIGHTS_DIR / "digits_reference.safetensors"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: reinstall the package or run `python -m adaptive_sampler train-model`")
-    stats = load_file(str(path))
+    stats = load_file(str(_weights("digits_reference.safetensors")))
     return stats["mu"].double().numpy(), stats["cov"].double().numpy()
 
 

@@ -42,7 +42,9 @@ def train_model(out_path: Path, seed: int = 0, iterations: int = 10000, batch_si
     model = DigitsUNet()
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=iterations, pct_start=0.05)
+    # OneCycleLR needs a warm-up of at least one step: runs shorter than 40 iterations (smoke tests) follow the
+    # beginning of a 40-iteration schedule.
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=max(iterations, 40), pct_start=0.05)
     start, losses = time.time(), []
     for it in trange(iterations, desc="train UNet", disable=not progress):
         idx = torch.randint(0, images.shape[0], (batch_size,), generator=g)
@@ -117,13 +119,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--iterations", type=int, default=10000)
     parser.add_argument("--classifier-epochs", type=int, default=40)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2,
+                        help="intra-op threads; the weights are bit-reproducible only with the same count (default: 2)")
     args = parser.parse_args(argv)
     if args.iterations < 1 or args.classifier_epochs < 1 or args.threads < 1:
         parser.error("--iterations, --classifier-epochs and --threads must be positive")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    card = {"torch": torch.__version__, "unet": train_model(args.out / "unet.safetensors", args.seed, args.iterations),
+    card = {"torch": torch.__version__, "threads": args.threads,
+            "unet": train_model(args.out / "unet.safetensors", args.seed, args.iterations),
             "classifier": train_classifier(args.out / "classifier.safetensors", args.seed, args.classifier_epochs)}
     save_reference_statistics(args.out / "classifier.safetensors", args.out / "digits_reference.safetensors")
     (args.out / "model_card.json").write_text(json.dumps(card, indent=1) + "\n")

@@ -192,8 +192,9 @@ def test_img2img_runs_from_a_mid_way_schedule(server):
     assert f["Sampler"] == "Euler Adaptive" and "Adaptive NFE" in f
 
 
-def test_a_bad_parameter_is_an_http_error_with_a_clear_message(server):
+@pytest.mark.parametrize("sampler", ["Euler Adaptive", "Euler", "Heun"])
+def test_a_bad_parameter_is_an_http_error_with_a_clear_message(server, sampler):
     code, text = call(server, "/sdapi/v1/txt2img",
-                      {**BASE, "sampler_name": "Euler Adaptive", "alwayson_scripts": adaptive_args(max_skips=0)},
+                      {**BASE, "sampler_name": sampler, "alwayson_scripts": adaptive_args(max_skips=0)},
                       expect_error=True)
     assert code >= 400 and "max_skips must be an integer >= 1" in text
