@@ -174,7 +174,8 @@ def markdown(rows: Sequence[Row]) -> str:
             verdict = ""
             if r.baseline_for is not None:
                 ours = by_name[r.baseline_for]
-                verdict = "adaptive wins" if ours.psnr > r.psnr else "**baseline wins**"
+                verdict = ("tie" if ours.psnr == r.psnr else
+                           "adaptive wins" if ours.psnr > r.psnr else "**baseline wins**")
             name = r.method if r.baseline_for is None else f"↳ {r.method}"
             t = "" if r.time_ratio is None else f"{r.time_ratio:.2f}"
             ps = "∞" if math.isinf(r.psnr) else f"{r.psnr:.1f}"
@@ -199,7 +200,10 @@ def verdicts(rows: Sequence[Row]) -> str:
             win = ours.psnr > base.psnr
             wins += win
             mark = "**" if win else ""
-            parts.append(f"{mark}{ours.psnr:.1f}{mark} / {base.psnr:.1f} ({ours.nfe_ratio:.2f})")
+            if ours.psnr == base.psnr:
+                parts.append(f"tie ({ours.nfe_ratio:.2f})")
+            else:
+                parts.append(f"{mark}{ours.psnr:.1f}{mark} / {base.psnr:.1f} ({ours.nfe_ratio:.2f})")
         out.append(f"| {m} | " + " | ".join(parts) + f" | {wins}/{len(cells)} |")
     return "\n".join(out) + "\n"
 
