@@ -1,7 +1,8 @@
 """Integration suite against a real AUTOMATIC1111 install (v1.10.1), through its HTTP API.
 
 Runs only when ``A1111_DIR`` points at a WebUI checkout with a checkpoint in ``models/Stable-diffusion`` (a
-random-weight SD-1.5 checkpoint is enough). The server is started headless on 127.0.0.1 with this repository
+random-weight SD-1.5 checkpoint is enough, provided its zero-initialised output layers were given random values).
+The server is started headless on 127.0.0.1 with this repository
 linked as an extension; ``A1111_PYTHON`` (default ``$A1111_DIR/venv/bin/python``) and ``A1111_ARGS`` (extra
 command-line flags) adjust how. Slow on a CPU: tens of seconds per request.
 """
@@ -131,6 +132,14 @@ def test_each_adaptive_sampler_generates_and_saves_nfe(server, name):
     used, full = map(int, f["Adaptive NFE"].split("/"))
     assert used < full and f["Adaptive mode"] == "forecast"
     assert images[0].shape == (64, 64, 3)
+
+
+def test_the_checkpoint_is_not_degenerate(server):
+    """A freshly built LDM has zero-initialised output layers: every sampler would return the same image and the
+    pixel-identity checks below would prove nothing."""
+    euler, _ = txt2img(server, sampler_name="Euler")
+    dpm, _ = txt2img(server, sampler_name="DPM++ 2M")
+    assert not np.array_equal(euler[0], dpm[0])
 
 
 @pytest.mark.parametrize("name", ADAPTIVE)
