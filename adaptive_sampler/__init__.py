@@ -1,10 +1,11 @@
 """adaptive-sampler: training-free acceleration of classifier-free-guided diffusion sampling.
 
-The library has no A1111 dependency; the WebUI glue lives in ``scripts/`` and ``adaptive_sampler.webui``.
+The runtime (``oracles``, ``engine``, ``sampling``) imports no host and no measuring tool: host glue lives in
+``adaptive_sampler.hosts`` (and the A1111 entry point in ``scripts/``), the bench and friends in ``adaptive_sampler.lab``.
 """
 
-from . import oracles  # noqa: F401  (first: linear_ag builds on it)
-from .guidance import GuidedDenoiser, NonFiniteError
+from . import oracles  # noqa: F401
+from .engine import GuidedDenoiser, NonFiniteError
 from .oracles import (AdaptiveDiffusion, AdaptiveGuidance, CFGTruncation, Compose, Decision, FullCFG, LinearAG,
                       Oracle, Schedule, make_oracle)
 from .sampling import (SAMPLERS, ddim_timesteps, get_sigmas_ddim, sample_ddim, sample_dpmpp_2m,

@@ -32,7 +32,7 @@ def demo_oracle(name: str, sampler: str, steps: int) -> tuple[str, "object"]:
     """(row label, fresh oracle) for one of :data:`DEMO_ORACLES`; LinearAG uses the shipped coefficients when
     there are some for this sampler and step count, the model-free delta rule otherwise."""
     from . import oracles as O
-    from .calibrate import embedded_coefficients
+    from .lab.calibrate import embedded_coefficients
 
     if name == "linear-ag":
         try:
@@ -46,9 +46,9 @@ def demo_oracle(name: str, sampler: str, steps: int) -> tuple[str, "object"]:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .embedded import load_classifier
-    from .experiment import embedded_target, generate
-    from .images import save_grid
-    from .metrics import classifier_accuracy
+    from .lab.experiment import embedded_target, generate
+    from .lab.images import save_grid
+    from .lab.metrics import classifier_accuracy
 
     torch.set_num_threads(args.threads)
     target = embedded_target()
@@ -77,8 +77,8 @@ def cmd_train_model(argv: Sequence[str]) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .calibrate import calibrate_linear_ag, shipped_coefficients_path
-    from .experiment import load_target
+    from .lab.calibrate import calibrate_linear_ag, shipped_coefficients_path
+    from .lab.experiment import load_target
 
     torch.set_num_threads(args.threads)
     target = load_target(args.model)
@@ -95,10 +95,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
-    from . import bench as B
+    from .lab import bench as B
     from .embedded import load_classifier, reference_statistics
-    from .experiment import embedded_target
-    from .plots import pareto_plot
+    from .lab.experiment import embedded_target
+    from .lab.plots import pareto_plot
 
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -135,8 +135,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     import json
 
-    from .experiment import load_target
-    from .tune import tune
+    from .lab.experiment import load_target
+    from .lab.tune import tune
 
     torch.set_num_threads(args.threads)
     target = load_target(args.model)
@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-sweep", action="store_true", help="skip the threshold sweeps and plots")
     bench.add_argument("--threads", type=_positive_int, default=2)
 
-    from .tune import KNOBS
+    from .lab.tune import KNOBS
 
     tune = sub.add_parser("tune", help="find an oracle's thresholds that meet a PSNR or NFE target")
     goal = tune.add_mutually_exclusive_group(required=True)

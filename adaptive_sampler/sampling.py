@@ -1,7 +1,7 @@
 """k-diffusion sampling loops driven by a step oracle.
 
 Each sampler has k-diffusion's signature plus ``oracle``; its body is k-diffusion's loop with the CFG model call
-replaced by a :class:`~adaptive_sampler.guidance.GuidedDenoiser` call. With :class:`~adaptive_sampler.oracles.FullCFG`
+replaced by a :class:`~adaptive_sampler.engine.GuidedDenoiser` call. With :class:`~adaptive_sampler.oracles.FullCFG`
 (the default) every sampler gives k-diffusion's result on a plain CFG wrapper of the same model.
 
 ``model`` is a k-diffusion denoiser (``model(x, sigma, cond=...)`` returns the denoised image); ``extra_args`` holds
@@ -20,7 +20,7 @@ from k_diffusion import sampling as ksampling
 from k_diffusion.sampling import BrownianTreeNoiseSampler, default_noise_sampler, get_ancestral_step, to_d
 from tqdm.auto import trange
 
-from .guidance import GuidedDenoiser, validate_sigmas
+from .engine import GuidedDenoiser, validate_sigmas
 from .oracles import Oracle
 
 __all__ = [

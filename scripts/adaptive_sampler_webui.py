@@ -1,5 +1,5 @@
 """AUTOMATIC1111 entry point for adaptive-sampler: registers the adaptive samplers, the "Adaptive sampling"
-accordion, its settings, infotext fields and X/Y/Z axes. The logic lives in ``adaptive_sampler.webui``."""
+accordion, its settings, infotext fields and X/Y/Z axes. The logic lives in ``adaptive_sampler.hosts.a1111``."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import gradio as gr  # noqa: E402
 from modules import (script_callbacks, scripts, sd_samplers, sd_samplers_common, sd_samplers_kdiffusion,  # noqa: E402
                      sd_samplers_timesteps, sd_samplers_timesteps_impl, shared)
 
-from adaptive_sampler import webui as W  # noqa: E402
+from adaptive_sampler.hosts import a1111 as W  # noqa: E402
 
 SECTION = ("adaptive_sampler", "Adaptive sampling")
 OPTION = {name: f"adaptive_sampler_{name}" for name in W.INFOTEXT}

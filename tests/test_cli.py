@@ -5,7 +5,7 @@ import json
 import pytest
 
 from adaptive_sampler.__main__ import main
-from adaptive_sampler.linear_ag import LinearAGCoefficients
+from adaptive_sampler.oracles.linear_ag import LinearAGCoefficients
 
 
 def test_demo_writes_a_grid(tmp_path, capsys):

@@ -8,7 +8,7 @@ import torch
 
 from adaptive_sampler import embedded
 from adaptive_sampler.embedded.train import train_model
-from adaptive_sampler.metrics import classifier_accuracy
+from adaptive_sampler.lab.metrics import classifier_accuracy
 
 
 @pytest.fixture(autouse=True)

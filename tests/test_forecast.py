@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from adaptive_sampler import oracles as O
-from adaptive_sampler.forecast import Forecast, computed_steps, extrapolate
+from adaptive_sampler.oracles.forecast import Forecast, computed_steps, extrapolate
 from adaptive_sampler.oracles import Decision
 
 from conftest import CountingModel

@@ -7,7 +7,7 @@ import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from adaptive_sampler import embedded
-from adaptive_sampler.metrics import classifier_accuracy, feature_statistics, frechet_distance, psnr, ssim
+from adaptive_sampler.lab.metrics import classifier_accuracy, feature_statistics, frechet_distance, psnr, ssim
 
 
 @pytest.fixture(autouse=True)

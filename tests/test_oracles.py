@@ -7,10 +7,10 @@ import torch
 
 import adaptive_sampler as A
 from adaptive_sampler import oracles as O
-from adaptive_sampler.guidance import GuidedDenoiser, NonFiniteError
-from adaptive_sampler.linear_ag import LinearAGCoefficients, fit_coefficients
+from adaptive_sampler.engine import GuidedDenoiser, NonFiniteError
+from adaptive_sampler.oracles.linear_ag import LinearAGCoefficients, fit_coefficients
 from adaptive_sampler.oracles import Decision
-from adaptive_sampler.search import greedy_skip_path
+from adaptive_sampler.lab.search import greedy_skip_path
 
 from conftest import CountingModel, guided_args, initial_noise
 

@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import adaptive_sampler as A
 from adaptive_sampler import oracles as O
-from adaptive_sampler.forecast import Forecast
-from adaptive_sampler.guidance import NonFiniteError
-from adaptive_sampler.linear_ag import LinearAGCoefficients
+from adaptive_sampler.oracles.forecast import Forecast
+from adaptive_sampler.engine import NonFiniteError
+from adaptive_sampler.oracles.linear_ag import LinearAGCoefficients
 
 from conftest import guided_args, initial_noise, plain_cfg
 from test_oracles import FaultyModel, run

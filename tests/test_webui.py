@@ -8,7 +8,8 @@ import pytest
 import torch
 import k_diffusion as K
 
-from adaptive_sampler import embedded, webui as W
+from adaptive_sampler import embedded
+from adaptive_sampler.hosts import a1111 as W
 from adaptive_sampler.oracles import Decision
 
 from conftest import CountingModel, initial_noise

@@ -10,6 +10,9 @@ denoiser keeps that stock path - callbacks, masks, previews, prompt editing, ``s
 conditional rows (COND; the unconditional rows are filled with each image's first conditional row and combined at
 scale 1, exactly A1111's own "skip uncond" path), the conditional rows plus an estimated unconditional row (LINEAR), or
 nothing at all (CACHED: every row is the prediction rebuilt from the cached eps).
+
+The module is over 300 lines because it is the whole A1111 host (one module per host, needing no other): settings,
+registration and the denoiser mechanics belong together and are tested together.
 """
 
 from __future__ import annotations
@@ -21,9 +24,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from . import oracles as O
-from .forecast import Forecast
-from .oracles import Decision, RunInfo, StepRecord, StepState
+from .. import oracles as O
+from ..oracles import Decision, Forecast, RunInfo, StepRecord, StepState
 
 #: Mode ids (API / settings / infotext) and their labels in the UI.
 MODES = {

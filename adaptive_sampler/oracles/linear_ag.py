@@ -22,7 +22,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from .oracles import AdaptiveGuidance, Decision, RunInfo, StepRecord, StepState
+from .adaptive_guidance import AdaptiveGuidance
+from .base import Decision, RunInfo, StepRecord, StepState
 
 FORMAT = "adaptive-sampler/linear-ag"
 FORMAT_VERSION = 1

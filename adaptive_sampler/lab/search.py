@@ -6,9 +6,9 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from ..oracles import Decision, FullCFG, Schedule
+from ..sampling import SAMPLERS
 from .metrics import psnr
-from .oracles import Decision, FullCFG, Schedule
-from .sampling import SAMPLERS
 
 
 def greedy_skip_path(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor,

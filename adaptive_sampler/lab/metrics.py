@@ -58,7 +58,7 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
 
 def _classifier(classifier: torch.nn.Module | None) -> torch.nn.Module:
     if classifier is None:
-        from .embedded import load_classifier
+        from ..embedded import load_classifier
 
         classifier = load_classifier()
     return classifier

@@ -18,7 +18,7 @@ from collections import deque
 
 import torch
 
-from .oracles import Decision, Oracle, RunInfo, StepRecord, StepState, _check_int, _check_real
+from .base import Decision, Oracle, RunInfo, StepRecord, StepState, _check_int, _check_real
 
 
 def extrapolate(points: list[tuple[float, torch.Tensor]], at: float) -> torch.Tensor:

@@ -11,9 +11,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from . import embedded
-from .oracles import FullCFG, Oracle, RunSummary
-from .sampling import SAMPLERS, get_sigmas_ddim
+from .. import embedded
+from ..oracles import FullCFG, Oracle, RunSummary
+from ..sampling import SAMPLERS, get_sigmas_ddim
 
 
 @dataclass(frozen=True)

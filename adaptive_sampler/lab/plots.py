@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
-from .oracles import Decision  # noqa: E402
+from ..oracles import Decision  # noqa: E402
 
 DECISION_COLOURS = {Decision.FULL: "#1f77b4", Decision.COND: "#ff7f0e", Decision.LINEAR: "#2ca02c",
                     Decision.CACHED: "#d3d3d3"}

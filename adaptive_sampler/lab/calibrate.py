@@ -9,9 +9,9 @@ from typing import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..oracles import FullCFG, StepRecord
+from ..oracles.linear_ag import LinearAGCoefficients, fit_coefficients
 from .experiment import Target, generate, sigmas_for
-from .linear_ag import LinearAGCoefficients, fit_coefficients
-from .oracles import FullCFG, StepRecord
 
 #: Calibration seeds start here, far from the bench's and the tests' seeds.
 CALIBRATION_SEED = 100_000

@@ -14,9 +14,9 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
-from . import oracles as O
+from .. import oracles as O
+from ..oracles import Forecast
 from .experiment import Target, generate
-from .forecast import Forecast
 from .metrics import psnr
 
 #: Seeds for tuning, disjoint from the bench's (0..) and LinearAG calibration's (100000..).

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from . import oracles as O
+from .. import oracles as O
 from .experiment import Target, generate, sigmas_for
 from .metrics import classifier_accuracy, frechet_distance, psnr, ssim
 
@@ -218,7 +218,7 @@ def write_outputs(rows: Sequence[Row], out_dir: Path, name: str = "bench") -> tu
 
 def sweep_families(sampler: str, steps: int) -> list[tuple[str, float, Callable[[], O.Oracle]]]:
     """(family, setting, factory) for the Pareto plot: each family swept over its main knob."""
-    from .forecast import Forecast
+    from ..oracles import Forecast
 
     out: list[tuple[str, float, Callable[[], O.Oracle]]] = []
     for t in (0.95, 0.98, 0.99, 0.995, 0.998, 0.9995):
@@ -259,7 +259,7 @@ def loop_overhead(target: Target, sampler: str = "euler", steps: int = 50, image
     import k_diffusion as K
 
     from .experiment import initial_latents
-    from .sampling import SAMPLERS
+    from ..sampling import SAMPLERS
 
     model = target.model
     sigmas = sigmas_for(target, sampler, steps)

@@ -1,0 +1,269 @@
+"""The step-oracle contract: per step, decide how the guided prediction is obtained.
+
+This module holds the contract only (decisions, step records, the base class and its safety rules); the strategies
+live one per module beside it and :mod:`adaptive_sampler.oracles` is their registry.
+
+A sampling loop asks its oracle, before every step, for a :class:`Decision`:
+
+* ``FULL``   - conditional + unconditional network rows, combined with CFG (2 NFE per sample);
+* ``COND``   - conditional rows only, no guidance (1 NFE);
+* ``LINEAR`` - conditional rows; the unconditional prediction is estimated from past predictions (1 NFE);
+* ``CACHED`` - no network call: the last computed noise prediction *eps* is reused at the new noise level,
+  and the sampler still updates the latent (0 NFE).
+
+The oracle then sees what the step produced (:meth:`Oracle.record`). State lives in the oracle object and is
+cleared by :meth:`Oracle.reset` at the start of every run, so one object can serve many runs (but not two runs at
+the same time: give each thread its own oracle).
+
+The base class enforces the rules every oracle must obey, whatever its policy says:
+
+* a step whose conditioning changed (A1111 prompt editing) is evaluated in full: no cache or regression input is
+  ever carried across a conditioning change;
+* ``CACHED`` needs a finite cached eps, ``LINEAR`` needs the previous step to have been a finite ``FULL`` step;
+  otherwise the step runs ``FULL`` and :attr:`Oracle.overrides` records why.
+"""
+
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Decision", "RunInfo", "StepState", "StepRecord", "RunSummary", "Oracle"]
+
+
+class Decision(enum.Enum):
+    """How one sampler step obtains its guided prediction. The value is the one-letter code of :class:`Schedule`."""
+
+    FULL = "F"
+    COND = "C"
+    LINEAR = "L"
+    CACHED = "S"
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations per sample (rows of the batch) this decision costs."""
+        return _NFE[self]
+
+    @property
+    def computes(self) -> bool:
+        """Whether the step calls the network at all."""
+        return self is not Decision.CACHED
+
+
+_NFE = {Decision.FULL: 2, Decision.COND: 1, Decision.LINEAR: 1, Decision.CACHED: 0}
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What an oracle knows about a run before its first step. ``sigmas`` may be empty when the host does not
+    expose its schedule (then ``steps`` must be given)."""
+
+    sampler: str
+    sigmas: tuple[float, ...]
+    batch_size: int
+    steps: int = -1
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            object.__setattr__(self, "steps", len(self.sigmas) - 1)
+        if self.steps < 1:
+            raise ValueError(f"a run needs at least 1 step, got {self.steps}")
+
+
+@dataclass(frozen=True)
+class StepState:
+    """The oracle's view of the step about to run.
+
+    ``x`` is the latent the network would see, i.e. the latent left by the previous step's update.
+    ``conditioning_changed`` is set by callers whose conditioning is scheduled per step (A1111 prompt editing).
+    """
+
+    index: int
+    total: int
+    sigma: float
+    x: torch.Tensor
+    conditioning_changed: bool = False
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What a step produced. Predictions are denoised images (x0, k-diffusion convention).
+
+    ``uncond`` is the real unconditional prediction on FULL steps and the estimate on LINEAR steps; ``eps`` is the
+    guided noise prediction the sampler used: the one a later CACHED step reuses.
+    """
+
+    index: int
+    decision: Decision
+    sigma: float
+    x: torch.Tensor
+    denoised: torch.Tensor
+    eps: torch.Tensor
+    cond: torch.Tensor | None = None
+    uncond: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """Per-run accounting, available after a run and replaced by the next one."""
+
+    steps: int
+    nfe: int
+    nfe_full: int
+    counts: dict[str, int]
+    ag_switch_step: int | None
+    overrides: tuple[tuple[int, str], ...]
+    schedule: str
+
+    @property
+    def nfe_ratio(self) -> float:
+        return self.nfe / self.nfe_full if self.nfe_full else float("nan")
+
+    def __str__(self) -> str:
+        switch = "-" if self.ag_switch_step is None else str(self.ag_switch_step)
+        return (
+            f"NFE {self.nfe}/{self.nfe_full} ({self.nfe_ratio:.0%}), "
+            + ", ".join(f"{k} {v}" for k, v in self.counts.items())
+            + f", AG switch step {switch}, overrides {len(self.overrides)}"
+        )
+
+
+def _check_real(name: str, value: object, lo: float, hi: float = math.inf, accepted: str | None = None) -> float:
+    accepted = accepted or f"a finite number in [{lo}, {hi}]"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be {accepted}, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or not lo <= v <= hi:
+        raise ValueError(f"{name} must be {accepted}, got {value!r}")
+    return v
+
+
+def _check_int(name: str, value: object, lo: int, accepted: str | None = None) -> int:
+    accepted = accepted or f"an integer >= {lo}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be {accepted}, got {value!r}")
+    if value < lo:
+        raise ValueError(f"{name} must be {accepted}, got {value!r}")
+    return value
+
+
+class Oracle:
+    """Base class: bookkeeping, safety rules and the per-run summary. Subclasses implement :meth:`_decide`
+    (and optionally :meth:`_begin`, :meth:`_observe`, :meth:`estimate_uncond`)."""
+
+    name = "oracle"
+
+    def __init__(self) -> None:
+        self.run: RunInfo | None = None
+        self.decisions: list[Decision] = []
+        self.overrides: list[tuple[int, str]] = []
+        self.nfe = 0
+        self._last: StepRecord | None = None
+        self._cached_eps: torch.Tensor | None = None
+        self._consecutive_cached = 0
+
+    # -- the contract used by sampling loops and the A1111 adapter ------------------------------------------------
+    def reset(self, run: RunInfo) -> None:
+        """Forget everything about the previous run and prepare for ``run``."""
+        self.run = run
+        self.decisions = []
+        self.overrides = []
+        self.nfe = 0
+        self._last = None
+        self._cached_eps = None
+        self._consecutive_cached = 0
+        self._begin(run)
+
+    def decide(self, state: StepState) -> Decision:
+        """The decision for the step described by ``state``, after the safety rules."""
+        if self.run is None:
+            raise RuntimeError(f"{type(self).__name__}.reset() must be called before decide()")
+        if state.conditioning_changed:
+            self._cached_eps = None
+            self._last = None
+            self._conditioning_changed(state)
+        proposed = self._decide(state)
+        if not isinstance(proposed, Decision):
+            raise TypeError(f"{type(self).__name__}._decide returned {proposed!r}, not a Decision")
+        reason = self._inadmissible(proposed, state)
+        if reason is None:
+            return proposed
+        self.overrides.append((state.index, f"{proposed.name} -> FULL: {reason}"))
+        return Decision.FULL
+
+    def record(self, record: StepRecord, wasted_nfe: int = 0, fallback_from: Decision | None = None) -> None:
+        """Take note of what a step produced. ``wasted_nfe`` counts network rows per sample whose output was
+        discarded (a non-finite prediction that forced a full re-evaluation, named by ``fallback_from``)."""
+        self.decisions.append(record.decision)
+        self.nfe += record.decision.nfe + wasted_nfe
+        if fallback_from is not None:
+            self.overrides.append((record.index, f"{fallback_from.name} -> FULL: non-finite prediction"))
+        if record.decision is Decision.CACHED:
+            self._consecutive_cached += 1
+        else:
+            self._consecutive_cached = 0
+            self._cached_eps = record.eps
+        self._last = record
+        self._observe(record)
+
+    def cached_eps(self, state: StepState) -> torch.Tensor:
+        """The noise prediction a CACHED step uses: by default the last computed guided eps (zero-order reuse)."""
+        if self._cached_eps is None:
+            raise RuntimeError("no cached prediction: the oracle never allows CACHED before a computed step")
+        return self._cached_eps
+
+    def estimate_uncond(self, state: StepState, cond: torch.Tensor) -> torch.Tensor:
+        """The estimated unconditional x0 for a LINEAR step, given this step's conditional x0."""
+        raise NotImplementedError(f"{type(self).__name__} never decides LINEAR")
+
+    def summary(self) -> RunSummary:
+        """NFE used, NFE of full CFG, steps per decision kind, AG switch step, overrides."""
+        steps = len(self.decisions)
+        return RunSummary(
+            steps=steps,
+            nfe=self.nfe,
+            nfe_full=2 * steps,
+            counts={d.name: sum(1 for x in self.decisions if x is d) for d in Decision},
+            ag_switch_step=self.switch_step,
+            overrides=tuple(self.overrides),
+            schedule="".join(d.value for d in self.decisions),
+        )
+
+    @property
+    def switch_step(self) -> int | None:
+        """The step at which Adaptive Guidance switched to conditional-only (None if it did not)."""
+        return None
+
+    # -- hooks for subclasses ------------------------------------------------------------------------------------
+    def _begin(self, run: RunInfo) -> None:
+        """Reset subclass state for a new run."""
+
+    def _decide(self, state: StepState) -> Decision:
+        raise NotImplementedError
+
+    def _observe(self, record: StepRecord) -> None:
+        """Update subclass state from a step's outcome."""
+
+    def _conditioning_changed(self, state: StepState) -> None:
+        """Drop subclass state that depends on the previous conditioning."""
+
+    # -- rules ---------------------------------------------------------------------------------------------------
+    def _inadmissible(self, decision: Decision, state: StepState) -> str | None:
+        if decision is Decision.CACHED:
+            if state.conditioning_changed:
+                return "conditioning changed"
+            if self._cached_eps is None:
+                return "no cached prediction"
+        elif decision is Decision.LINEAR:
+            if state.conditioning_changed:
+                return "conditioning changed"
+            last = self._last
+            if last is None or last.index != state.index - 1 or last.decision is not Decision.FULL:
+                return "LINEAR needs a FULL previous step"
+        return None
+
+
