@@ -112,13 +112,14 @@ class GuidedDenoiser:
 
     ``model`` is any k-diffusion denoiser, called as ``model(x, sigma, cond=..., **rest)`` and returning the
     denoised image. ``extra_args`` holds ``cond``, ``uncond`` and ``cond_scale``; every other key is passed to the
-    model unchanged. ``conditioning_changed(i)`` may tell the engine that step i uses new conditioning. A model with
+    model unchanged. ``conditioning_changed(i)`` may tell the engine that step i uses new conditioning;
+    ``stochastic`` says that the sampler adds fresh noise between steps (see :class:`~.oracles.RunInfo`). A model with
     an ``adaptive_backend(x, extra_args)`` method supplies its own prediction backend instead.
     """
 
     def __init__(self, model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor,
                  extra_args: Mapping[str, Any] | None, oracle: Oracle | str | None, sampler: str,
-                 conditioning_changed: Callable[[int], bool] | None = None) -> None:
+                 conditioning_changed: Callable[[int], bool] | None = None, stochastic: bool = False) -> None:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 2:
             raise TypeError("x must be a floating-point tensor of shape [batch, ...]")
         validate_sigmas(sigmas)
@@ -130,7 +131,8 @@ class GuidedDenoiser:
         self.oracle = resolve_oracle(oracle)
         self.steps = sigmas.shape[0] - 1
         self.last_decision: Decision | None = None
-        self.oracle.reset(RunInfo(sampler=sampler, sigmas=tuple(float(s) for s in sigmas), batch_size=x.shape[0]))
+        self.oracle.reset(RunInfo(sampler=sampler, sigmas=tuple(float(s) for s in sigmas), batch_size=x.shape[0],
+                                  stochastic=stochastic))
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, index: int) -> torch.Tensor:
         """The guided denoised prediction for step ``index`` at noise level ``sigma`` (shape ``[batch]``)."""
@@ -142,7 +144,7 @@ class GuidedDenoiser:
         cond = uncond = None
         wasted, fallback_from = 0, None
         if decision is Decision.CACHED:
-            denoised = x - append_dims(sigma, x.ndim) * self.oracle.cached_eps(state).to(x.dtype)
+            denoised = self.oracle.cached_denoised(state).to(x.dtype)
             backend.skipped(x, sigma, denoised)
         elif decision is Decision.COND:
             cond = backend.conditional(x, sigma)

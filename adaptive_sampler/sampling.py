@@ -53,7 +53,7 @@ def sample_euler(model, x, sigmas, extra_args=None, callback: Callback = None, d
     """Euler steps (Karras et al. 2022, Algorithm 2) under a step oracle."""
     for name, value in (("s_churn", s_churn), ("s_noise", s_noise)):
         _check_real(name, value)
-    guided = GuidedDenoiser(model, x, sigmas, extra_args, oracle, "euler")
+    guided = GuidedDenoiser(model, x, sigmas, extra_args, oracle, "euler", stochastic=s_churn > 0 and s_noise > 0)
     s_in = x.new_ones([x.shape[0]])
     for i in trange(len(sigmas) - 1, disable=disable):
         gamma = min(s_churn / (len(sigmas) - 1), 2 ** 0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.
@@ -80,7 +80,7 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback: Callback
     """
     _check_real("eta", eta)
     _check_real("s_noise", s_noise)
-    guided = GuidedDenoiser(model, x, sigmas, extra_args, oracle, "euler_ancestral")
+    guided = GuidedDenoiser(model, x, sigmas, extra_args, oracle, "euler_ancestral", stochastic=eta > 0 and s_noise > 0)
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
     s_in = x.new_ones([x.shape[0]])
     for i in trange(len(sigmas) - 1, disable=disable):
@@ -131,7 +131,7 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback: Callback = 
         raise ValueError(f"solver_type must be 'heun' or 'midpoint', got {solver_type!r}")
     _check_real("eta", eta)
     _check_real("s_noise", s_noise)
-    guided = GuidedDenoiser(model, x, sigmas, extra_args, oracle, "dpmpp_2m_sde")
+    guided = GuidedDenoiser(model, x, sigmas, extra_args, oracle, "dpmpp_2m_sde", stochastic=eta > 0 and s_noise > 0)
     sigma_min, sigma_max = sigmas[sigmas > 0].min(), sigmas.max()
     noise_sampler = BrownianTreeNoiseSampler(x, sigma_min, sigma_max) if noise_sampler is None else noise_sampler
     s_in = x.new_ones([x.shape[0]])
@@ -175,7 +175,7 @@ def sample_ddim(model, x, sigmas, extra_args=None, callback: Callback = None, di
     """
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
         raise ValueError(f"eta must be a number in [0, 1] (0 = deterministic DDIM), got {eta!r}")
-    guided = GuidedDenoiser(model, x, sigmas, extra_args, oracle, "ddim")
+    guided = GuidedDenoiser(model, x, sigmas, extra_args, oracle, "ddim", stochastic=eta > 0)
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
     s_in = x.new_ones([x.shape[0]])
     for i in trange(len(sigmas) - 1, disable=disable):

@@ -49,6 +49,16 @@ ADAPTIVE_SAMPLERS = (
 #: Built-in samplers the accordion can adapt: one denoiser call per step. Others are left untouched.
 SUPPORTED_BUILTINS = {"Euler", "Euler a", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ 3M SDE", "LMS", "DDIM"}
 
+#: Samplers that add fresh noise after their steps when their eta is above 0 (A1111's default eta is 1 for the
+#: ancestral / SDE samplers, 0 for DDIM): a skipped step there reuses or forecasts x0, never eps.
+STOCHASTIC_BUILTINS = {"Euler a", "DPM++ 2M SDE", "DPM++ 3M SDE", "DDIM"}
+
+
+def is_stochastic(sampler_name: str, eta: float | None) -> bool:
+    """Whether an A1111 sampler (built-in or ``* Adaptive``) injects noise between steps at this eta."""
+    base = next((b for name, _, b in ADAPTIVE_SAMPLERS if name == sampler_name), sampler_name)
+    return base in STOCHASTIC_BUILTINS and eta is not None and eta > 0
+
 INFOTEXT = {
     "mode": "Adaptive mode",
     "ag_threshold": "Adaptive AG threshold",
@@ -258,11 +268,13 @@ class StepController:
     def active(self) -> bool:
         return self.oracle is not None
 
-    def begin_run(self, steps: int, batch: int, sigmas: torch.Tensor | None, cond: Any, uncond: Any) -> None:
+    def begin_run(self, steps: int, batch: int, sigmas: torch.Tensor | None, cond: Any, uncond: Any,
+                  stochastic: bool = False) -> None:
         self._boundaries = conditioning_boundaries(cond, uncond)
         if self.oracle is not None:
             sig = tuple(float(s) for s in sigmas) if sigmas is not None and self.prediction == "x0" else ()
-            self.oracle.reset(RunInfo(sampler=self.sampler, sigmas=sig, batch_size=batch, steps=steps))
+            self.oracle.reset(RunInfo(sampler=self.sampler, sigmas=sig, batch_size=batch, steps=steps,
+                                      stochastic=stochastic))
 
     # -- scaling between A1111's view and the oracle's (k-diffusion) view ---------------------------------------
     def _sigma(self, sigma: torch.Tensor) -> float:
@@ -311,11 +323,11 @@ class StepController:
             return out
         x = x_in[n_cond:]
         if self.decision is Decision.CACHED:
-            eps = self.oracle.cached_eps(self._state).to(x_in.dtype)
+            denoised = self.oracle.cached_denoised(self._state)
             if self.prediction == "x0":
-                per_image = x - sigma_in[n_cond:].reshape(-1, *[1] * (x.ndim - 1)) * eps
+                per_image = denoised.to(x_in.dtype)
             else:
-                per_image = eps
+                per_image = ((self._state.x.float() - denoised) / self._state.sigma).to(x_in.dtype)
             expand = torch.cat([per_image[i:i + 1].expand(r, *per_image.shape[1:]) for i, r in enumerate(self._repeats)])
             return torch.cat([expand, per_image])
         cond_out = inner(x_in[:n_cond], sigma_in[:n_cond], cond=_slice_rows(cond, n_cond), **kwargs)
@@ -416,7 +428,8 @@ def adaptive_denoiser_class(base: type, prediction: str) -> type:
             self.adaptive = StepController(oracle, self._sampler_name, prediction, alphas)
             steps = self.adaptive_steps or self.total_steps
             self.adaptive_steps = steps
-            self.adaptive.begin_run(steps, x.shape[0], self.adaptive_sigmas, cond, uncond)
+            stochastic = is_stochastic(self._sampler_name, getattr(self.sampler, "eta", None))
+            self.adaptive.begin_run(steps, x.shape[0], self.adaptive_sigmas, cond, uncond, stochastic)
 
     AdaptiveCFGDenoiser.__name__ = AdaptiveCFGDenoiser.__qualname__ = f"Adaptive{base.__name__}"
     return AdaptiveCFGDenoiser

@@ -8,8 +8,8 @@ A sampling loop asks its oracle, before every step, for a :class:`Decision`:
 * ``FULL``   - conditional + unconditional network rows, combined with CFG (2 NFE per sample);
 * ``COND``   - conditional rows only, no guidance (1 NFE);
 * ``LINEAR`` - conditional rows; the unconditional prediction is estimated from past predictions (1 NFE);
-* ``CACHED`` - no network call: the last computed noise prediction *eps* is reused at the new noise level,
-  and the sampler still updates the latent (0 NFE).
+* ``CACHED`` - no network call: the oracle supplies the denoised prediction (:meth:`Oracle.cached_denoised`), and
+  the sampler still updates the latent and draws its own noise (0 NFE).
 
 The oracle then sees what the step produced (:meth:`Oracle.record`). State lives in the oracle object and is
 cleared by :meth:`Oracle.reset` at the start of every run, so one object can serve many runs (but not two runs at
@@ -19,7 +19,7 @@ The base class enforces the rules every oracle must obey, whatever its policy sa
 
 * a step whose conditioning changed (A1111 prompt editing) is evaluated in full: no cache or regression input is
   ever carried across a conditioning change;
-* ``CACHED`` needs a finite cached eps, ``LINEAR`` needs the previous step to have been a finite ``FULL`` step;
+* ``CACHED`` needs a finite computed step before it, ``LINEAR`` needs the previous step to have been a finite ``FULL`` step;
   otherwise the step runs ``FULL`` and :attr:`Oracle.overrides` records why.
 """
 
@@ -60,12 +60,15 @@ _NFE = {Decision.FULL: 2, Decision.COND: 1, Decision.LINEAR: 1, Decision.CACHED:
 @dataclass(frozen=True)
 class RunInfo:
     """What an oracle knows about a run before its first step. ``sigmas`` may be empty when the host does not
-    expose its schedule (then ``steps`` must be given)."""
+    expose its schedule (then ``steps`` must be given). ``stochastic`` is true when the sampler adds fresh noise to
+    the latent after its steps (Euler a, DPM++ SDE, DDIM with eta > 0, churn): a skipped step must then not reuse a
+    noise prediction (eps) computed before that noise arrived."""
 
     sampler: str
     sigmas: tuple[float, ...]
     batch_size: int
     steps: int = -1
+    stochastic: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -94,7 +97,7 @@ class StepRecord:
     """What a step produced. Predictions are denoised images (x0, k-diffusion convention).
 
     ``uncond`` is the real unconditional prediction on FULL steps and the estimate on LINEAR steps; ``eps`` is the
-    guided noise prediction the sampler used: the one a later CACHED step reuses.
+    guided noise prediction the sampler used, ``(x - denoised) / sigma``.
     """
 
     index: int
@@ -163,7 +166,7 @@ class Oracle:
         self.overrides: list[tuple[int, str]] = []
         self.nfe = 0
         self._last: StepRecord | None = None
-        self._cached_eps: torch.Tensor | None = None
+        self._last_computed: StepRecord | None = None
         self._consecutive_cached = 0
 
     # -- the contract used by sampling loops and the A1111 adapter ------------------------------------------------
@@ -174,7 +177,7 @@ class Oracle:
         self.overrides = []
         self.nfe = 0
         self._last = None
-        self._cached_eps = None
+        self._last_computed = None
         self._consecutive_cached = 0
         self._begin(run)
 
@@ -183,7 +186,7 @@ class Oracle:
         if self.run is None:
             raise RuntimeError(f"{type(self).__name__}.reset() must be called before decide()")
         if state.conditioning_changed:
-            self._cached_eps = None
+            self._last_computed = None
             self._last = None
             self._conditioning_changed(state)
         proposed = self._decide(state)
@@ -206,15 +209,21 @@ class Oracle:
             self._consecutive_cached += 1
         else:
             self._consecutive_cached = 0
-            self._cached_eps = record.eps
+            self._last_computed = record
         self._last = record
         self._observe(record)
 
-    def cached_eps(self, state: StepState) -> torch.Tensor:
-        """The noise prediction a CACHED step uses: by default the last computed guided eps (zero-order reuse)."""
-        if self._cached_eps is None:
+    def cached_denoised(self, state: StepState) -> torch.Tensor:
+        """The denoised (x0) prediction a CACHED step uses, in float32; the sampler forms its own eps from it and the
+        current latent. By default the last computed step is reused (zero order): on deterministic samplers its eps
+        (so the skipped step is a merged, longer step along the same direction), on stochastic ones its denoised
+        image (reusing eps there would replay noise that the sampler has since replaced with fresh noise)."""
+        last = self._last_computed
+        if last is None:
             raise RuntimeError("no cached prediction: the oracle never allows CACHED before a computed step")
-        return self._cached_eps
+        if self.run is not None and self.run.stochastic:
+            return last.denoised.float()
+        return state.x.float() - state.sigma * last.eps.float()
 
     def estimate_uncond(self, state: StepState, cond: torch.Tensor) -> torch.Tensor:
         """The estimated unconditional x0 for a LINEAR step, given this step's conditional x0."""
@@ -256,7 +265,7 @@ class Oracle:
         if decision is Decision.CACHED:
             if state.conditioning_changed:
                 return "conditioning changed"
-            if self._cached_eps is None:
+            if self._last_computed is None:
                 return "no cached prediction"
         elif decision is Decision.LINEAR:
             if state.conditioning_changed:

@@ -53,33 +53,42 @@ class Forecast(Oracle):
     """Full CFG on a fixed budget of steps; the other steps are CACHED with a forecast eps (no network call).
 
     ``budget`` is the fraction of full CFG's NFE to spend (1 = plain full CFG); ``order`` 1 (linear) or 2
-    (quadratic) extrapolation in sigma of the guided eps; ``warmup`` first steps are always computed. The plan is
-    per batch and fixed at the start of the run.
+    (quadratic) extrapolation in sigma; ``warmup`` first steps are always computed. ``space`` is what is
+    extrapolated: ``"eps"`` (the guided noise prediction; a multistep update along the ODE), ``"x0"`` (the denoised
+    prediction; the sampler forms eps from the current latent, so noise that a stochastic sampler added since the
+    last computed step is kept, not replayed) or ``"auto"``: eps on deterministic runs, x0 on stochastic ones (see
+    the README's method notes for the measurements). The plan is per batch and fixed at the start of the run.
     """
 
     name = "forecast"
+    SPACES = ("auto", "eps", "x0")
 
-    def __init__(self, budget: float = 0.5, order: int = 2, warmup: int = 2) -> None:
+    def __init__(self, budget: float = 0.5, order: int = 2, warmup: int = 2, space: str = "auto") -> None:
         super().__init__()
         self.budget = _check_real("budget", budget, 0.0, 1.0, "a number in (0, 1] (fraction of full CFG's NFE)")
         if self.budget == 0.0:
             raise ValueError("budget must be a number in (0, 1] (fraction of full CFG's NFE), got 0")
         if order not in (1, 2):
             raise ValueError(f"order must be 1 (linear) or 2 (quadratic), got {order!r}")
+        if space not in self.SPACES:
+            raise ValueError(f"space must be one of {', '.join(self.SPACES)}, got {space!r}")
         self.order = order
+        self.space = space
         self.warmup = _check_int("warmup", warmup, 1)
         self.plan: frozenset[int] = frozenset()
+        self._space = "eps"
         self._history: deque[tuple[float, torch.Tensor]] = deque(maxlen=order + 1)
         self._forecast: torch.Tensor | None = None
 
     def __repr__(self) -> str:
-        return f"Forecast(budget={self.budget}, order={self.order}, warmup={self.warmup})"
+        return f"Forecast(budget={self.budget}, order={self.order}, warmup={self.warmup}, space={self.space!r})"
 
     def _begin(self, run: RunInfo) -> None:
         self.plan = computed_steps(run.steps, self.budget, self.warmup)
         if len(self.plan) > self.budget * run.steps + 1e-9:
             self.overrides.append((0, f"budget {self.budget} raised to {len(self.plan)}/{run.steps} computed steps: "
                                       f"a {run.steps}-step run needs warm-up ({self.warmup}) and the last step"))
+        self._space = ("x0" if run.stochastic else "eps") if self.space == "auto" else self.space
         self._history.clear()
         self._forecast = None
 
@@ -90,14 +99,20 @@ class Forecast(Oracle):
         self._forecast = None
         if state.index in self.plan:
             return Decision.FULL
-        if len(self._history) >= 2:
-            self._forecast = extrapolate(list(self._history), state.sigma)
+        if self._history:
+            points = list(self._history)
+            self._forecast = points[-1][1] if len(points) == 1 else extrapolate(points, state.sigma)
         return Decision.CACHED
 
-    def cached_eps(self, state: StepState) -> torch.Tensor:
-        """The extrapolated eps (plain reuse of the last eps when only one computed step is known)."""
-        return super().cached_eps(state) if self._forecast is None else self._forecast
+    def cached_denoised(self, state: StepState) -> torch.Tensor:
+        """The forecast denoised prediction (zero-order reuse when only one computed step is known)."""
+        if self._forecast is None:
+            return super().cached_denoised(state)
+        if self._space == "x0":
+            return self._forecast
+        return state.x.float() - state.sigma * self._forecast
 
     def _observe(self, record: StepRecord) -> None:
         if record.decision is not Decision.CACHED:
-            self._history.append((record.sigma, record.eps.float()))
+            value = record.denoised if self._space == "x0" else record.eps
+            self._history.append((record.sigma, value.float()))
