@@ -1,24 +1,35 @@
-"""Forecast: a fixed NFE budget, with skipped steps that extrapolate the noise prediction instead of reusing it.
+"""Forecast: a fixed NFE budget, with skipped steps that extrapolate the prediction instead of reusing it.
 
 For Euler and DDIM a step that reuses the previous eps is exactly a merged (longer) step, so zero-order skipping
 only chooses step sizes, and a uniform schedule at the same NFE ("fewer steps") is hard to beat. A skipped step
 whose eps is *extrapolated* from the last computed ones turns the pair of steps into a multistep (Adams-Bashforth
 like) update along the probability-flow ODE ``dx/dsigma = eps``: its error shrinks with a higher power of the step.
 
+Stochastic samplers (Euler a, DPM++ SDE, DDIM with eta > 0) add fresh noise after every step, so an extrapolated
+*eps* would replay noise the sampler has replaced: there the denoised prediction (x0) is extrapolated, linearly, and
+the sampler forms eps from the current latent and draws its own noise.
+
 :class:`Forecast` spends ``budget`` of full CFG's NFE: it computes (full CFG) the first ``warmup`` steps, the last
-step (on samplers that end at sigma = 0 its prediction *is* the output) and evenly spaced steps in between, and
-forecasts every other step by a polynomial in sigma through the last ``order + 1`` computed guided eps (fewer right
-after warm-up). See the README's method notes for the measurements that chose these settings.
+step (on samplers that end at sigma = 0 its prediction *is* the output) and steps spread evenly in between - evenly
+in step index for samplers that integrate in sigma (Euler, Euler a, DDIM, LMS), evenly in log sigma for the
+DPM-Solver++ family, which integrates in log sigma. See the README's method notes for the measurements.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
+from typing import Sequence
 
 import torch
 
 from .base import Decision, Oracle, RunInfo, StepRecord, StepState, _check_int, _check_real
+
+
+def integrates_in_log_sigma(sampler: str) -> bool:
+    """Whether a sampler (k-diffusion / A1111 name) is a DPM-Solver++ multistep solver, stepping in log sigma."""
+    name = sampler.lower().replace(" ", "").replace("+", "p")
+    return name.startswith("dpmpp") and "2s" not in name and "sde_gpu" not in name
 
 
 def extrapolate(points: list[tuple[float, torch.Tensor]], at: float) -> torch.Tensor:
@@ -34,8 +45,19 @@ def extrapolate(points: list[tuple[float, torch.Tensor]], at: float) -> torch.Te
     return out
 
 
-def computed_steps(steps: int, budget: float, warmup: int) -> frozenset[int]:
-    """The steps a budget computes: warm-up, the last step, and the rest evenly spaced among the middle steps.
+def to_space(space: str, denoised: torch.Tensor, x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """A denoised prediction at latent ``x`` expressed as the quantity that is extrapolated (``"eps"`` or ``"x0"``)."""
+    return denoised if space == "x0" else (x - denoised) / sigma
+
+
+def from_space(space: str, value: torch.Tensor, x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The denoised prediction at latent ``x`` that an extrapolated value stands for."""
+    return value if space == "x0" else x - sigma * value
+
+
+def computed_steps(steps: int, budget: float, warmup: int, sigmas: Sequence[float] = ()) -> frozenset[int]:
+    """The steps a budget computes: warm-up, the last step, and the rest spread over the middle steps - evenly in
+    step index, or, when ``sigmas`` (the run's schedule) is given, evenly in log sigma.
 
     A run too short for the budget (fewer than ``warmup + 1`` computed steps) still computes the warm-up and the
     last step: forecasting from nothing would be a guess. :class:`Forecast` reports such runs in its overrides.
@@ -45,51 +67,76 @@ def computed_steps(steps: int, budget: float, warmup: int) -> frozenset[int]:
         return frozenset(range(steps))
     middle = list(range(warmup, steps - 1))
     extra = total - warmup - 1
-    chosen = {middle[round((j + 1) * len(middle) / (extra + 1))] for j in range(extra)}
+    if sigmas:
+        lam = [-math.log(s) for s in sigmas[:steps]]
+        lo, hi = lam[warmup - 1], lam[steps - 1]
+        position = {j: (lam[j] - lo) / (hi - lo) for j in middle}
+        chosen: set[int] = set()
+        for k in range(1, extra + 1):
+            chosen.add(min((j for j in middle if j not in chosen), key=lambda j: abs(position[j] - k / (extra + 1))))
+    else:
+        chosen = {middle[round((j + 1) * len(middle) / (extra + 1))] for j in range(extra)}
     return frozenset(range(warmup)) | {steps - 1} | chosen
 
 
 class Forecast(Oracle):
-    """Full CFG on a fixed budget of steps; the other steps are CACHED with a forecast eps (no network call).
+    """Full CFG on a fixed budget of steps; the other steps are CACHED with a forecast prediction (no network call).
 
-    ``budget`` is the fraction of full CFG's NFE to spend (1 = plain full CFG); ``order`` 1 (linear) or 2
-    (quadratic) extrapolation in sigma; ``warmup`` first steps are always computed. ``space`` is what is
-    extrapolated: ``"eps"`` (the guided noise prediction; a multistep update along the ODE), ``"x0"`` (the denoised
-    prediction; the sampler forms eps from the current latent, so noise that a stochastic sampler added since the
-    last computed step is kept, not replayed) or ``"auto"``: eps on deterministic runs, x0 on stochastic ones (see
-    the README's method notes for the measurements). The plan is per batch and fixed at the start of the run.
+    ``budget`` is the fraction of full CFG's NFE to spend (1 = plain full CFG); ``warmup`` first steps are always
+    computed. ``space`` is what is extrapolated in sigma: ``"eps"`` (the guided noise prediction; a multistep update
+    along the ODE), ``"x0"`` (the denoised prediction; the sampler forms eps from the current latent, so noise that a
+    stochastic sampler added since the last computed step is kept, not replayed) or ``"auto"``: eps on deterministic
+    runs, x0 on stochastic ones. ``order`` 1 (linear) or 2 (quadratic); ``None``: 2 for eps, 1 for x0. ``placement``
+    of the computed steps: ``"index"`` (evenly in step index), ``"log-sigma"`` (evenly in log sigma; needs the
+    run's sigmas) or ``"auto"``: log sigma for the DPM-Solver++ family, step index otherwise. The ``auto`` choices
+    are measured (README, method notes). The plan is per batch and fixed at the start of the run.
     """
 
     name = "forecast"
     SPACES = ("auto", "eps", "x0")
+    PLACEMENTS = ("auto", "index", "log-sigma")
 
-    def __init__(self, budget: float = 0.5, order: int = 2, warmup: int = 2, space: str = "auto") -> None:
+    def __init__(self, budget: float = 0.5, order: int | None = None, warmup: int = 2, space: str = "auto",
+                 placement: str = "auto") -> None:
         super().__init__()
         self.budget = _check_real("budget", budget, 0.0, 1.0, "a number in (0, 1] (fraction of full CFG's NFE)")
         if self.budget == 0.0:
             raise ValueError("budget must be a number in (0, 1] (fraction of full CFG's NFE), got 0")
-        if order not in (1, 2):
-            raise ValueError(f"order must be 1 (linear) or 2 (quadratic), got {order!r}")
+        if order not in (None, 1, 2):
+            raise ValueError(f"order must be 1 (linear) or 2 (quadratic), or None to choose by space; got {order!r}")
         if space not in self.SPACES:
             raise ValueError(f"space must be one of {', '.join(self.SPACES)}, got {space!r}")
+        if placement not in self.PLACEMENTS:
+            raise ValueError(f"placement must be one of {', '.join(self.PLACEMENTS)}, got {placement!r}")
         self.order = order
         self.space = space
+        self.placement = placement
         self.warmup = _check_int("warmup", warmup, 1)
         self.plan: frozenset[int] = frozenset()
         self._space = "eps"
-        self._history: deque[tuple[float, torch.Tensor]] = deque(maxlen=order + 1)
+        self._history: deque[tuple[float, torch.Tensor]] = deque(maxlen=3)
         self._forecast: torch.Tensor | None = None
 
     def __repr__(self) -> str:
-        return f"Forecast(budget={self.budget}, order={self.order}, warmup={self.warmup}, space={self.space!r})"
+        return (f"Forecast(budget={self.budget}, order={self.order}, warmup={self.warmup}, space={self.space!r}, "
+                f"placement={self.placement!r})")
 
     def _begin(self, run: RunInfo) -> None:
-        self.plan = computed_steps(run.steps, self.budget, self.warmup)
+        placement = self.placement
+        if placement == "auto":
+            placement = "log-sigma" if integrates_in_log_sigma(run.sampler) else "index"
+        if placement == "log-sigma" and not (run.sigmas and all(s > 0 for s in run.sigmas[:run.steps])):
+            if self.placement == "log-sigma":
+                raise ValueError("placement 'log-sigma' needs the run's sigmas (positive up to the last step)")
+            placement = "index"
+        sigmas = run.sigmas if placement == "log-sigma" else ()
+        self.plan = computed_steps(run.steps, self.budget, self.warmup, sigmas)
         if len(self.plan) > self.budget * run.steps + 1e-9:
             self.overrides.append((0, f"budget {self.budget} raised to {len(self.plan)}/{run.steps} computed steps: "
                                       f"a {run.steps}-step run needs warm-up ({self.warmup}) and the last step"))
         self._space = ("x0" if run.stochastic else "eps") if self.space == "auto" else self.space
-        self._history.clear()
+        order = self.order if self.order is not None else (1 if self._space == "x0" else 2)
+        self._history = deque(maxlen=order + 1)
         self._forecast = None
 
     def _conditioning_changed(self, state: StepState) -> None:
@@ -108,11 +155,9 @@ class Forecast(Oracle):
         """The forecast denoised prediction (zero-order reuse when only one computed step is known)."""
         if self._forecast is None:
             return super().cached_denoised(state)
-        if self._space == "x0":
-            return self._forecast
-        return state.x.float() - state.sigma * self._forecast
+        return from_space(self._space, self._forecast, state.x.float(), state.sigma)
 
     def _observe(self, record: StepRecord) -> None:
         if record.decision is not Decision.CACHED:
-            value = record.denoised if self._space == "x0" else record.eps
-            self._history.append((record.sigma, value.float()))
+            self._history.append((record.sigma, to_space(self._space, record.denoised.float(), record.x.float(),
+                                                         record.sigma)))
