@@ -28,13 +28,15 @@ def _scale(text: str) -> float:
 DEMO_ORACLES = ("full", "ag", "linear-ag", "adaptive-diffusion", "compose", "recommended")
 
 
-def demo_oracle(name: str, sampler: str, steps: int) -> tuple[str, "object"]:
+def demo_oracle(name: str, sampler: str, steps: int, schedule: str = "default") -> tuple[str, "object"]:
     """(row label, fresh oracle) for one of :data:`DEMO_ORACLES`; LinearAG uses the shipped coefficients when
-    there are some for this sampler and step count, the model-free delta rule otherwise."""
+    there are some for this sampler, step count and schedule, the model-free delta rule otherwise."""
     from . import oracles as O
     from .lab.calibrate import embedded_coefficients
 
     if name == "linear-ag":
+        if schedule != "default":
+            return "LinearAG (delta rule)", O.LinearAG()
         try:
             return "LinearAG", O.LinearAG(embedded_coefficients(sampler, steps))
         except ValueError:
@@ -44,28 +46,51 @@ def demo_oracle(name: str, sampler: str, steps: int) -> tuple[str, "object"]:
     return labels[name], (O.recommended() if name == "recommended" else O.make_oracle(name))
 
 
+def demo_cells(samplers: Sequence[str], schedules: Sequence[str]) -> list[tuple[str, str]]:
+    """(sampler variant, schedule) pairs; DDIM keeps its own timestep grid, so it gets one schedule."""
+    from .lab.experiment import SAMPLER_VARIANTS
+
+    cells = []
+    for variant in samplers:
+        own_grid = SAMPLER_VARIANTS[variant][0] == "ddim"
+        cells += [(variant, "default" if own_grid else schedule) for schedule in (schedules[:1] if own_grid else schedules)]
+    return cells
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .embedded import load_classifier
-    from .lab.experiment import embedded_target, generate
+    from .lab.experiment import SAMPLER_VARIANTS, embedded_target, generate_variant
     from .lab.images import save_grid
-    from .lab.metrics import classifier_accuracy
+    from .lab.metrics import classifier_accuracy, psnr
 
     torch.set_num_threads(args.threads)
     target = embedded_target()
     classifier = load_classifier()
     labels = [c for c in range(target.num_classes) for _ in range(args.per_class)]
     seeds = [args.seed + j for j in range(len(labels))]
-    plans = [(scale, s, o) for scale in args.scales for s in args.samplers for o in args.oracles]
+    plans = [(scale, variant, schedule, o) for scale in args.scales
+             for variant, schedule in demo_cells(args.samplers, args.schedules) for o in args.oracles]
     rows = []
-    print(f"embedded model, {args.steps} steps, {len(labels)} images per row")
-    print(f"{'scale':>5} {'sampler':<16} {'oracle':<24} {'NFE/image':>10} {'of full':>8} {'accuracy':>9}")
-    for scale, sampler, oracle_name in tqdm(plans, desc="demo", leave=False):
-        name, oracle = demo_oracle(oracle_name, sampler, args.steps)
-        images, summary = generate(target, sampler, args.steps, scale, labels, seeds, oracle=oracle)
+    print(f"embedded model, {args.steps} steps, {len(labels)} images per row; PSNR against full CFG with the same "
+          "seeds and noise draws")
+    print(f"{'scale':>5} {'sampler':<16} {'schedule':<8} {'oracle':<24} {'NFE/image':>10} {'of full':>8} "
+          f"{'PSNR dB':>8} {'accuracy':>9}")
+    reference = {}
+    for scale, variant, schedule, oracle_name in tqdm(plans, desc="demo", leave=False):
+        name, oracle = demo_oracle(oracle_name, SAMPLER_VARIANTS[variant][0], args.steps, schedule)
+        images, summary = generate_variant(target, variant, schedule, args.steps, scale, labels, seeds, oracle=oracle)
+        key = (scale, variant, schedule)
+        if key not in reference:
+            reference[key] = images if oracle_name == "full" else generate_variant(
+                target, variant, schedule, args.steps, scale, labels, seeds)[0]
+        quality = float(psnr(images, reference[key]).mean())
         acc = classifier_accuracy(images, torch.tensor(labels), classifier)
-        tqdm.write(f"{scale:>5g} {sampler:<16} {name:<24} {summary.nfe:>10} {summary.nfe_ratio:>8.0%} {acc:>9.1%}")
-        rows.append((f"scale {scale:g} | {sampler} | {name} | NFE {summary.nfe}/{summary.nfe_full}", images))
-    path = save_grid(rows, Path(args.out) / "demo.png", label_width=330)
+        shown = "inf" if quality == float("inf") else f"{quality:.1f}"
+        tqdm.write(f"{scale:>5g} {variant:<16} {schedule:<8} {name:<24} {summary.nfe:>10} {summary.nfe_ratio:>8.0%} "
+                   f"{shown:>8} {acc:>9.1%}")
+        rows.append((f"scale {scale:g} | {variant} {schedule} | {name} | NFE {summary.nfe}/{summary.nfe_full} | "
+                     f"{shown} dB", images))
+    path = save_grid(rows, Path(args.out) / "demo.png", label_width=430)
     print(f"wrote {path}")
     return 0
 
@@ -153,6 +178,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .lab.experiment import SAMPLER_VARIANTS, SCHEDULES
     from .sampling import SAMPLERS
 
     parser = argparse.ArgumentParser(prog="python -m adaptive_sampler", description=__doc__)
@@ -160,9 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="sample a grid on the embedded model with every sampler and oracle")
     demo.add_argument("--out", default="out", help="output folder (default: out/)")
-    demo.add_argument("--steps", type=_positive_int, default=50)
-    demo.add_argument("--scales", type=_scale, nargs="+", default=[3.0], help="guidance scales (default 3)")
-    demo.add_argument("--samplers", nargs="+", choices=list(SAMPLERS), default=list(SAMPLERS))
+    demo.add_argument("--steps", type=_positive_int, default=20, help="steps (default 20, A1111's default)")
+    demo.add_argument("--scales", type=_scale, nargs="+", default=[7.0], help="guidance scales (default 7, A1111's)")
+    demo.add_argument("--samplers", nargs="+", choices=list(SAMPLER_VARIANTS), default=list(SAMPLER_VARIANTS),
+                      help="sampler variants (ddim_eta1: DDIM with eta 1)")
+    demo.add_argument("--schedules", nargs="+", choices=list(SCHEDULES), default=list(SCHEDULES))
     demo.add_argument("--oracles", nargs="+", choices=DEMO_ORACLES, default=list(DEMO_ORACLES))
     demo.add_argument("--per-class", type=_positive_int, default=2, help="images per digit class and row")
     demo.add_argument("--seed", type=int, default=0)

@@ -11,6 +11,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+import k_diffusion as K
+
 from .. import embedded
 from ..oracles import FullCFG, Oracle, RunSummary
 from ..sampling import SAMPLERS, get_sigmas_ddim
@@ -64,6 +66,42 @@ def sigmas_for(target: Target, sampler: str, steps: int) -> torch.Tensor:
     if sampler == "ddim":
         return get_sigmas_ddim(steps, target.model)
     return target.model.get_sigmas(steps)
+
+
+#: The sampler variants the demo, the bench's sampler matrix and the PSNR-floor test cover: every sampler the
+#: product exposes, DDIM with eta 0 and 1. Name -> (sampler, keyword arguments).
+SAMPLER_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "euler": ("euler", {}),
+    "euler_ancestral": ("euler_ancestral", {}),
+    "dpmpp_2m": ("dpmpp_2m", {}),
+    "dpmpp_2m_sde": ("dpmpp_2m_sde", {}),
+    "ddim": ("ddim", {}),
+    "ddim_eta1": ("ddim", {"eta": 1.0}),
+}
+
+#: Noise schedules: the model's own (uniform in timestep, A1111's "Automatic") and Karras et al.'s (rho 7).
+SCHEDULES = ("default", "karras")
+
+
+def schedule_sigmas(target: Target, sampler: str, steps: int, schedule: str) -> torch.Tensor | None:
+    """The sigmas of ``schedule`` for ``sampler`` (None: the sampler's default grid, see :func:`sigmas_for`).
+    DDIM keeps its own timestep grid whatever the schedule, as in A1111."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if schedule == "default" or sampler == "ddim":
+        return None
+    model = target.model
+    return K.sampling.get_sigmas_karras(steps, float(model.sigma_min), float(model.sigma_max))
+
+
+def generate_variant(target: Target, variant: str, schedule: str, steps: int, scale: float, labels: Sequence[int],
+                     seeds: Sequence[int], oracle: Oracle | None = None) -> tuple[torch.Tensor, RunSummary]:
+    """:func:`generate` for a name of :data:`SAMPLER_VARIANTS` on a schedule of :data:`SCHEDULES`."""
+    if variant not in SAMPLER_VARIANTS:
+        raise ValueError(f"unknown sampler variant {variant!r}; choose one of {', '.join(SAMPLER_VARIANTS)}")
+    sampler, kwargs = SAMPLER_VARIANTS[variant]
+    return generate(target, sampler, steps, scale, labels, seeds, oracle=oracle,
+                    sigmas=schedule_sigmas(target, sampler, steps, schedule), **kwargs)
 
 
 def initial_latents(target: Target, seeds: Sequence[int], sigma0: torch.Tensor, sampler: str) -> torch.Tensor:
