@@ -46,20 +46,9 @@ def demo_oracle(name: str, sampler: str, steps: int, schedule: str = "default") 
     return labels[name], (O.recommended() if name == "recommended" else O.make_oracle(name))
 
 
-def demo_cells(samplers: Sequence[str], schedules: Sequence[str]) -> list[tuple[str, str]]:
-    """(sampler variant, schedule) pairs; DDIM keeps its own timestep grid, so it gets one schedule."""
-    from .lab.experiment import SAMPLER_VARIANTS
-
-    cells = []
-    for variant in samplers:
-        own_grid = SAMPLER_VARIANTS[variant][0] == "ddim"
-        cells += [(variant, "default" if own_grid else schedule) for schedule in (schedules[:1] if own_grid else schedules)]
-    return cells
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from .embedded import load_classifier
-    from .lab.experiment import SAMPLER_VARIANTS, embedded_target, generate_variant
+    from .lab.experiment import SAMPLER_VARIANTS, embedded_target, generate_variant, variant_schedules
     from .lab.images import save_grid
     from .lab.metrics import classifier_accuracy, psnr
 
@@ -69,7 +58,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     labels = [c for c in range(target.num_classes) for _ in range(args.per_class)]
     seeds = [args.seed + j for j in range(len(labels))]
     plans = [(scale, variant, schedule, o) for scale in args.scales
-             for variant, schedule in demo_cells(args.samplers, args.schedules) for o in args.oracles]
+             for variant, schedule in variant_schedules(args.samplers, args.schedules) for o in args.oracles]
     rows = []
     print(f"embedded model, {args.steps} steps, {len(labels)} images per row; PSNR against full CFG with the same "
           "seeds and noise draws")
@@ -157,6 +146,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_samplers(args: argparse.Namespace) -> int:
+    from .lab import matrix
+    from .lab.experiment import embedded_target
+
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.samplers, args.schedules, args.steps, args.scales, args.images = (
+            ["euler_ancestral", "dpmpp_2m"], ["karras"], [10], [7.0], 8)
+    pairs = matrix.run_matrix(embedded_target(), args.samplers, args.schedules, args.steps, args.scales, args.images)
+    md, js = matrix.write(pairs, Path(args.out))
+    print(matrix.markdown(pairs))
+    print(f"wrote {md}, {js}")
+    return 0
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     import json
 
@@ -219,6 +223,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-sweep", action="store_true", help="skip the threshold sweeps and plots")
     bench.add_argument("--threads", type=_positive_int, default=2)
 
+    matrix = sub.add_parser("bench-samplers", help="the default vs fewer steps and vs Spectrum, LazyCache and "
+                                                   "EasyCache at equal NFE, on every sampler and schedule")
+    matrix.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
+    matrix.add_argument("--out", default="out", help="output folder (default: out/)")
+    matrix.add_argument("--samplers", nargs="+", choices=list(SAMPLER_VARIANTS), default=list(SAMPLER_VARIANTS))
+    matrix.add_argument("--schedules", nargs="+", choices=list(SCHEDULES), default=list(SCHEDULES))
+    matrix.add_argument("--steps", type=_positive_int, nargs="+", default=[20, 30])
+    matrix.add_argument("--scales", type=_scale, nargs="+", default=[3.0, 7.0])
+    matrix.add_argument("--images", type=_positive_int, default=64)
+    matrix.add_argument("--threads", type=_positive_int, default=2)
+
     from .lab.tune import KNOBS
 
     tune = sub.add_parser("tune", help="find an oracle's thresholds that meet a PSNR or NFE target")
@@ -242,7 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_train_model(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        commands = {"demo": cmd_demo, "calibrate-linear-ag": cmd_calibrate, "bench": cmd_bench, "tune": cmd_tune}
+        commands = {"demo": cmd_demo, "calibrate-linear-ag": cmd_calibrate, "bench": cmd_bench,
+                    "bench-samplers": cmd_bench_samplers, "tune": cmd_tune}
         return commands[args.command](args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -94,6 +94,17 @@ def schedule_sigmas(target: Target, sampler: str, steps: int, schedule: str) -> 
     return K.sampling.get_sigmas_karras(steps, float(model.sigma_min), float(model.sigma_max))
 
 
+def variant_schedules(variants: Sequence[str], schedules: Sequence[str]) -> list[tuple[str, str]]:
+    """(sampler variant, schedule) pairs; DDIM keeps its own timestep grid, so it gets one schedule ("default")."""
+    cells = []
+    for variant in variants:
+        if SAMPLER_VARIANTS[variant][0] == "ddim":
+            cells.append((variant, "default"))
+        else:
+            cells += [(variant, schedule) for schedule in schedules]
+    return cells
+
+
 def generate_variant(target: Target, variant: str, schedule: str, steps: int, scale: float, labels: Sequence[int],
                      seeds: Sequence[int], oracle: Oracle | None = None) -> tuple[torch.Tensor, RunSummary]:
     """:func:`generate` for a name of :data:`SAMPLER_VARIANTS` on a schedule of :data:`SCHEDULES`."""
