@@ -89,7 +89,7 @@ def on_ui_settings():
         "ad_threshold": ("AdaptiveDiffusion skip threshold (0 disables)", gr.Number, {}),
         "max_skips": ("AdaptiveDiffusion max skips in a row", gr.Number, {"precision": 0}),
         "warmup": ("AdaptiveDiffusion warm-up steps (>= 4)", gr.Number, {"precision": 0}),
-        "budget": ("Forecast NFE budget (fraction of full CFG)", gr.Number, {}),
+        "budget": ("Forecast NFE budget (fraction of full CFG; 0 = auto: 0.5, 0.6 on DPM++ SDE)", gr.Number, {}),
     }
     for name, key in OPTION.items():
         label, component, args = labels[name]
@@ -118,7 +118,7 @@ class AdaptiveSamplingScript(scripts.Script):
             with gr.Row():
                 ag_threshold = gr.Number(DEFAULTS.ag_threshold, label="AG threshold")
                 ag_space = gr.Dropdown(["x0", "v", "eps"], value=DEFAULTS.ag_space, label="AG space")
-                budget = gr.Number(DEFAULTS.budget, label="Forecast budget")
+                budget = gr.Number(DEFAULTS.budget, label="Forecast budget (0 = auto)")
             with gr.Row():
                 ad_threshold = gr.Number(DEFAULTS.ad_threshold, label="Skip threshold")
                 max_skips = gr.Number(DEFAULTS.max_skips, label="Max skips", precision=0)

@@ -62,3 +62,53 @@ def test_a_skipped_step_uses_the_extrapolated_eps(denoiser):
     k = next(i for i, r in enumerate(seen) if r.decision is Decision.CACHED and i >= 4)
     points = [(r.sigma, r.eps) for r in seen[:k] if r.decision is Decision.FULL][-3:]
     assert torch.allclose(seen[k].eps, extrapolate(points, seen[k].sigma), atol=1e-4)
+
+
+class Probe(Forecast):
+    """Records what the oracle extrapolates from, to check the space it works in."""
+
+    def _observe(self, record):
+        super()._observe(record)
+        self.seen = (record, self._history[-1][1]) if record.decision is not Decision.CACHED else self.seen
+
+
+@pytest.mark.parametrize("stochastic,space", [(False, "eps"), (True, "x0")])
+def test_auto_space_is_eps_on_deterministic_and_x0_on_stochastic_runs(stochastic, space):
+    oracle = Probe()
+    oracle.seen = None
+    sigmas = tuple(float(s) for s in torch.linspace(10, 0.1, 11))
+    oracle.reset(O.RunInfo(sampler="euler", sigmas=sigmas, batch_size=1, stochastic=stochastic))
+    x, den = torch.randn(1, 1, 4, 4), torch.randn(1, 1, 4, 4)
+    state = O.StepState(index=0, total=10, sigma=sigmas[0], x=x)
+    decision = oracle.decide(state)
+    oracle.record(O.StepRecord(index=0, decision=decision, sigma=sigmas[0], x=x, denoised=den,
+                               eps=(x - den) / sigmas[0]))
+    record, stored = oracle.seen
+    expected = record.denoised if space == "x0" else record.eps
+    assert torch.allclose(stored, expected)
+    assert oracle._history.maxlen == (2 if space == "x0" else 3)  # linear in x0, quadratic in eps
+
+
+def test_default_budget_is_higher_on_dpmpp_sde_samplers_and_says_so():
+    sigmas = tuple(float(s) for s in torch.linspace(10, 0.1, 20)) + (0.0,)
+    for sampler, stochastic, computed in (("euler", False, 10), ("euler_ancestral", True, 10),
+                                          ("dpmpp_2m", False, 10), ("dpmpp_2m_sde", True, 12),
+                                          ("DPM++ 3M SDE", True, 12), ("dpmpp_2m_sde", False, 10)):
+        oracle = Forecast()
+        oracle.reset(O.RunInfo(sampler=sampler, sigmas=sigmas, batch_size=1, stochastic=stochastic))
+        assert len(oracle.plan) == computed, sampler
+        assert any("0.6" in why for _, why in oracle.overrides) == (computed == 12)
+    explicit = Forecast(budget=0.5)
+    explicit.reset(O.RunInfo(sampler="dpmpp_2m_sde", sigmas=sigmas, batch_size=1, stochastic=True))
+    assert len(explicit.plan) == 10 and not explicit.overrides
+
+
+def test_log_sigma_placement_spreads_computed_steps_evenly_in_log_sigma():
+    sigmas = [14.6 * (0.85 ** k) for k in range(20)] + [0.0]  # geometric: log sigma is linear in the index
+    import math
+    lam_plan = sorted(computed_steps(20, 0.5, 2, sigmas))
+    gaps = [b - a for a, b in zip(lam_plan[1:], lam_plan[2:])]  # from the last warm-up step on
+    assert len(lam_plan) == 10 and max(gaps) - min(gaps) <= 1  # evenly in log sigma == evenly in index here
+    skewed = [14.6 * math.exp(-0.02 * k * k) for k in range(20)] + [0.0]  # log sigma moves fast late
+    late = computed_steps(20, 0.5, 2, skewed)
+    assert len(late) == 10 and sum(1 for j in late if j >= 10) > sum(1 for j in computed_steps(20, 0.5, 2) if j >= 10)

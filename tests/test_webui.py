@@ -189,3 +189,11 @@ def test_prompt_editing_forces_a_full_step_at_the_switch(denoiser):
     decisions = d.adaptive.oracle.decisions
     assert decisions[10] is Decision.FULL
     assert Decision.CACHED in decisions[:10] and Decision.COND in decisions[:10]
+
+
+def test_default_forecast_budget_is_automatic():
+    settings = W.AdaptiveSettings()
+    assert settings.budget == 0.0 and settings.build_oracle().budget is None
+    assert W.AdaptiveSettings(budget=0.4).build_oracle().budget == 0.4
+    with pytest.raises(ValueError, match=r"budget must be a number in \(0, 1\]"):
+        W.AdaptiveSettings(budget=-0.1)

@@ -27,9 +27,10 @@ from .base import Decision, Oracle, RunInfo, StepRecord, StepState, _check_int, 
 
 
 def integrates_in_log_sigma(sampler: str) -> bool:
-    """Whether a sampler (k-diffusion / A1111 name) is a DPM-Solver++ multistep solver, stepping in log sigma."""
+    """Whether a sampler (k-diffusion / A1111 / ComfyUI name) is a DPM-Solver++ multistep solver (2M, 3M, their SDE
+    variants), which steps in log sigma."""
     name = sampler.lower().replace(" ", "").replace("+", "p")
-    return name.startswith("dpmpp") and "2s" not in name and "sde_gpu" not in name
+    return name.startswith("dpmpp") and ("2m" in name or "3m" in name)
 
 
 def extrapolate(points: list[tuple[float, torch.Tensor]], at: float) -> torch.Tensor:
