@@ -114,7 +114,7 @@ def fields(infotext):
 
 
 def adaptive_args(enable=True, mode="forecast", ag_threshold=0.991, ag_space="x0", ad_threshold=0.01, max_skips=4,
-                  warmup=4, budget=0.5):
+                  warmup=4, budget=0.0):
     return {SCRIPT: {"args": [enable, mode, ag_threshold, ag_space, ad_threshold, max_skips, warmup, budget]}}
 
 
@@ -132,6 +132,30 @@ def test_each_adaptive_sampler_generates_and_saves_nfe(server, name):
     used, full = map(int, f["Adaptive NFE"].split("/"))
     assert used < full and f["Adaptive mode"] == "forecast"
     assert images[0].shape == (64, 64, 3)
+
+
+def psnr_db(a, b):
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+@pytest.mark.parametrize("scheduler", ["Automatic", "Karras"])
+@pytest.mark.parametrize("name", ADAPTIVE)
+def test_default_mode_against_the_builtin_sampler_psnr_reported(server, name, scheduler):
+    """What a user of each * Adaptive sampler gets by default: NFE and PSNR against the built-in sampler, same seed
+    (written to tests/webui/psnr_report.json). Random weights show plumbing, not fidelity: the floor is only "not
+    noise"; fidelity is judged on the embedded model (bench-samplers)."""
+    ours, info_ours = txt2img(server, sampler_name=name, scheduler=scheduler, steps=12)
+    theirs, _ = txt2img(server, sampler_name=BUILTIN[name], scheduler=scheduler, steps=12)
+    f = fields(info_ours[0])
+    used, full = map(int, f["Adaptive NFE"].split("/"))
+    quality = psnr_db(ours[0], theirs[0])
+    report = REPO / "tests" / "webui" / "psnr_report.json"
+    rows = json.loads(report.read_text()) if report.exists() else {}
+    rows[f"{name} / {scheduler}"] = {"nfe": f"{used}/{full}", "psnr_db": quality}
+    report.write_text(json.dumps(rows, indent=1) + "\n")
+    print(f"{name} ({scheduler}, 12 steps): NFE {used}/{full}, PSNR {quality:.1f} dB against {BUILTIN[name]}")
+    assert used < full and quality > 10.0
 
 
 def test_the_checkpoint_is_not_degenerate(server):
