@@ -86,7 +86,7 @@ def test_auto_space_is_eps_on_deterministic_and_x0_on_stochastic_runs(stochastic
     record, stored = oracle.seen
     expected = record.denoised if space == "x0" else record.eps
     assert torch.allclose(stored, expected)
-    assert oracle._history.maxlen == (2 if space == "x0" else 3)  # linear in x0, quadratic in eps
+    assert oracle._history.maxlen == (1 if space == "x0" else 3)  # x0 reused, eps extrapolated by a quadratic
 
 
 def test_default_budget_is_higher_on_dpmpp_sde_samplers_and_says_so():

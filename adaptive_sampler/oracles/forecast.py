@@ -6,7 +6,7 @@ whose eps is *extrapolated* from the last computed ones turns the pair of steps 
 like) update along the probability-flow ODE ``dx/dsigma = eps``: its error shrinks with a higher power of the step.
 
 Stochastic samplers (Euler a, DPM++ SDE, DDIM with eta > 0) add fresh noise after every step, so an extrapolated
-*eps* would replay noise the sampler has replaced: there the denoised prediction (x0) is extrapolated, linearly, and
+*eps* would replay noise the sampler has replaced: there the last computed denoised prediction (x0) is reused, and
 the sampler forms eps from the current latent and draws its own noise.
 
 :class:`Forecast` spends ``budget`` of full CFG's NFE: it computes (full CFG) the first ``warmup`` steps, the last
@@ -88,7 +88,8 @@ class Forecast(Oracle):
     notes); the summary's overrides say so. ``warmup`` first steps are always computed. ``space`` is what is extrapolated in sigma: ``"eps"`` (the guided noise prediction; a multistep update
     along the ODE), ``"x0"`` (the denoised prediction; the sampler forms eps from the current latent, so noise that a
     stochastic sampler added since the last computed step is kept, not replayed) or ``"auto"``: eps on deterministic
-    runs, x0 on stochastic ones. ``order`` 1 (linear) or 2 (quadratic); ``None``: 2 for eps, 1 for x0. ``placement``
+    runs, x0 on stochastic ones. ``order`` 0 (reuse the last computed value), 1 (linear) or 2 (quadratic); ``None``:
+    2 for eps, 0 for x0. ``placement``
     of the computed steps: ``"index"`` (evenly in step index), ``"log-sigma"`` (evenly in log sigma; needs the
     run's sigmas) or ``"auto"``: log sigma for the DPM-Solver++ family, step index otherwise. The ``auto`` choices
     are measured (README, method notes). The plan is per batch and fixed at the start of the run.
@@ -109,8 +110,9 @@ class Forecast(Oracle):
             if budget == 0.0:
                 raise ValueError("budget must be a number in (0, 1] (fraction of full CFG's NFE), got 0")
         self.budget = budget
-        if order not in (None, 1, 2):
-            raise ValueError(f"order must be 1 (linear) or 2 (quadratic), or None to choose by space; got {order!r}")
+        if order not in (None, 0, 1, 2):
+            raise ValueError(f"order must be 1 (linear) or 2 (quadratic), 0 (reuse), or None to choose by space; "
+                             f"got {order!r}")
         if space not in self.SPACES:
             raise ValueError(f"space must be one of {', '.join(self.SPACES)}, got {space!r}")
         if placement not in self.PLACEMENTS:
@@ -149,7 +151,7 @@ class Forecast(Oracle):
             self.overrides.append((0, f"budget {budget} raised to {len(self.plan)}/{run.steps} computed steps: "
                                       f"a {run.steps}-step run needs warm-up ({self.warmup}) and the last step"))
         self._space = ("x0" if run.stochastic else "eps") if self.space == "auto" else self.space
-        order = self.order if self.order is not None else (1 if self._space == "x0" else 2)
+        order = self.order if self.order is not None else (0 if self._space == "x0" else 2)
         self._history = deque(maxlen=order + 1)
         self._forecast = None
 
