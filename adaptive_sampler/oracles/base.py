@@ -60,7 +60,8 @@ _NFE = {Decision.FULL: 2, Decision.COND: 1, Decision.LINEAR: 1, Decision.CACHED:
 @dataclass(frozen=True)
 class RunInfo:
     """What an oracle knows about a run before its first step. ``sigmas`` may be empty when the host does not
-    expose its schedule (then ``steps`` must be given). ``stochastic`` is true when the sampler adds fresh noise to
+    expose its schedule (then ``steps`` must be given). A run of 0 steps (a single sigma) is legal: k-diffusion's
+    loops return their input unchanged, and so do ours. ``stochastic`` is true when the sampler adds fresh noise to
     the latent after its steps (Euler a, DPM++ SDE, DDIM with eta > 0, churn): a skipped step must then not reuse a
     noise prediction (eps) computed before that noise arrived."""
 
@@ -73,8 +74,8 @@ class RunInfo:
     def __post_init__(self) -> None:
         if self.steps < 0:
             object.__setattr__(self, "steps", len(self.sigmas) - 1)
-        if self.steps < 1:
-            raise ValueError(f"a run needs at least 1 step, got {self.steps}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"steps must be an integer >= 0, got {self.steps!r}")
 
 
 @dataclass(frozen=True)
