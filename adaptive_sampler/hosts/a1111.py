@@ -257,12 +257,14 @@ class StepController:
         self.alphas_cumprod = alphas_cumprod
         self.decision = Decision.FULL
         self.layout_mismatch = 0
+        self.notes: list[str] = []
         self._boundaries: frozenset[int] = frozenset()
         self._repeats: list[int] = []
         self._state: StepState | None = None
         self._alpha = 1.0
         self._cond_rows: torch.Tensor | None = None
         self._uncond_rows: torch.Tensor | None = None
+        self._evaluated = 0
 
     @property
     def active(self) -> bool:
@@ -298,6 +300,7 @@ class StepController:
     def begin_step(self, index: int, total: int, x: torch.Tensor, sigma: torch.Tensor, repeats: list[int]) -> Decision:
         self._repeats = repeats
         self._cond_rows = self._uncond_rows = None
+        self._evaluated = 0
         if self.oracle is None:
             self.decision = Decision.FULL
             return self.decision
@@ -318,8 +321,11 @@ class StepController:
                 self.layout_mismatch += 1
                 self.decision = Decision.FULL
             out = inner(x_in, sigma_in, cond=cond, **kwargs)
+            self._evaluated += out.shape[0]
             if out.shape[0] == n_cond + batch:
                 self._cond_rows, self._uncond_rows = out[firsts], out[n_cond:]
+            elif out.shape[0] == n_cond:
+                self._cond_rows = out[firsts]  # A1111 dropped the uncond rows itself, unless another chunk follows
             return out
         x = x_in[n_cond:]
         if self.decision is Decision.CACHED:
@@ -352,6 +358,11 @@ class StepController:
         if not torch.isfinite(den).all():
             raise FloatingPointError(f"adaptive sampling: the prediction at step {index} is NaN/inf "
                                      f"(decision {self.decision.name})")
+        if self.decision is Decision.FULL and self._uncond_rows is None:
+            if self._evaluated == sum(self._repeats):
+                self.decision = Decision.COND  # A1111 skipped the uncond rows (NGMS, "skip early CFG"): 1 NFE
+            else:
+                self._cond_rows = None  # chunked calls or an edit model: the rows are not identified
         k_x = state.x.float()
         cond = None if self._cond_rows is None else self._to_x0(x, self._cond_rows, s).float()
         uncond = None if self._uncond_rows is None else self._to_x0(x, self._uncond_rows, s).float()

@@ -100,7 +100,8 @@ class StepRecord:
     """What a step produced. Predictions are denoised images (x0, k-diffusion convention).
 
     ``uncond`` is the real unconditional prediction on FULL steps and the estimate on LINEAR steps; ``eps`` is the
-    guided noise prediction the sampler used, ``(x - denoised) / sigma``.
+    guided noise prediction the sampler used, ``(x - denoised) / sigma``. A host that cannot tell the rows of a
+    call apart (A1111 edit models) records a FULL step without ``cond``/``uncond``.
     """
 
     index: int
@@ -314,7 +315,8 @@ class Oracle:
             if state.conditioning_changed:
                 return "conditioning changed"
             last = self._last
-            if last is None or last.index != state.index - 1 or last.decision is not Decision.FULL:
+            if last is None or last.index != state.index - 1 or last.decision is not Decision.FULL \
+                    or last.cond is None or last.uncond is None:
                 return "LINEAR needs a FULL previous step"
         return None
 
