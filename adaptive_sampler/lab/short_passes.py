@@ -21,10 +21,9 @@ from ..sampling import SAMPLERS
 from .experiment import embedded_target, generate
 from .metrics import psnr
 
-#: The A1111 modes and the oracles they build with their default settings.
-MODES = {"forecast": lambda: make_oracle("forecast"), "ag": lambda: make_oracle("ag"),
-         "linear-ag": lambda: make_oracle("linear-ag"), "adaptive-diffusion": lambda: make_oracle("adaptive-diffusion"),
-         "ag+adaptive-diffusion": lambda: make_oracle("compose")}
+#: The A1111 modes and the oracles (registry names, default settings) they build.
+MODES = {"forecast": "forecast", "ag": "ag", "linear-ag": "linear-ag", "adaptive-diffusion": "adaptive-diffusion",
+         "ag+adaptive-diffusion": "compose"}
 
 
 def pass_sigmas(full: torch.Tensor, strength: float) -> torch.Tensor:
@@ -41,6 +40,7 @@ def fewer_steps(sigmas: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 def measure(sampler: str, base_steps: int, strength: float, seeds: Sequence[int], scale: float) -> list[dict]:
+    """One img2img-like pass per mode, against full CFG from the same start and against fewer steps."""
     target = embedded_target()
     labels = [s % target.num_classes for s in seeds]
     init, _ = generate(target, "euler", 20, scale, labels, seeds)
@@ -59,8 +59,8 @@ def measure(sampler: str, base_steps: int, strength: float, seeds: Sequence[int]
 
     reference, _ = run(FullCFG(), sigmas)
     rows = []
-    for mode, factory in MODES.items():
-        out, summary = run(factory(), sigmas)
+    for mode, oracle_name in MODES.items():
+        out, summary = run(make_oracle(oracle_name), sigmas)
         baseline_steps = max(1, summary.nfe // 2)  # full CFG spends 2 NFE per step: the same or next lower NFE
         baseline, _ = run(FullCFG(), fewer_steps(sigmas, baseline_steps))
         rows.append(dict(sampler=sampler, base_steps=base_steps, strength=strength, steps=steps, mode=mode,
