@@ -314,6 +314,18 @@ def test_hires_fix_sums_both_passes_and_keeps_the_short_passs_note(denoiser):
         f"4-step pass below min steps ({W.DEFAULT_MIN_STEPS}): full CFG"
 
 
+def test_each_batch_count_iteration_reports_its_own_passes(denoiser):
+    """A1111 reuses ``p`` for every batch-count iteration: NFE and notes must not carry over."""
+    settings = W.AdaptiveSettings(mode="forecast")
+    _, first = host_run(denoiser, settings, denoiser.get_sigmas(20)[-5:], ONE_EACH)
+    assert W.NOTES_FIELD in first.p.extra_generation_params
+    first.p.iteration = 1
+    _, second = host_run(denoiser, settings, denoiser.get_sigmas(20), ONE_EACH, p=first.p)
+    used, full = second.adaptive.nfe()
+    assert first.p.extra_generation_params[W.NFE_FIELD] == f"{used}/{full}" and full == 40
+    assert W.NOTES_FIELD not in first.p.extra_generation_params
+
+
 @pytest.mark.parametrize("prompts", [[[(1, 1.0), (7, 0.5), (3, 0.8)]], [[(2, 1.0), (5, 0.7)], [(9, 1.0)]]],
                          ids=["batch 1, three AND sub-prompts", "batch 2, two and one sub-prompts"])
 def test_and_sub_prompts_in_every_mode(denoiser, prompts):

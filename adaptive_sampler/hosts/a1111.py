@@ -194,9 +194,12 @@ def report(p: Any, controller: "StepController") -> None:
     """Write ``Adaptive NFE`` (used/full per image, summed over the passes of a generation: hires fix has two) and
     ``Adaptive notes`` (passes not adapted as configured, e.g. too short) into ``p.extra_generation_params``.
 
-    Passes are keyed by their controller object: an ``id()`` could be reused by a later pass once the first pass's
-    sampler is freed."""
-    passes = p.__dict__.setdefault("adaptive_passes", {})
+    Passes are keyed by their controller object (an ``id()`` could be reused by a later pass once the first pass's
+    sampler is freed) and start afresh with each batch-count iteration (``p.iteration``), which reuses ``p``."""
+    iteration = getattr(p, "iteration", None)
+    if "adaptive_passes" not in p.__dict__ or p.__dict__.get("adaptive_iteration") != iteration:
+        p.adaptive_passes, p.adaptive_iteration = {}, iteration
+    passes = p.adaptive_passes
     passes[controller] = controller.nfe()
     used = sum(u for u, _ in passes.values())
     full = sum(f for _, f in passes.values())
@@ -205,6 +208,8 @@ def report(p: Any, controller: "StepController") -> None:
     notes = [note for ctl in passes for note in ctl.notes]
     if notes:
         p.extra_generation_params[NOTES_FIELD] = "; ".join(notes)
+    else:
+        p.extra_generation_params.pop(NOTES_FIELD, None)
 
 
 # -- sampler registration ---------------------------------------------------------------------------------------
