@@ -8,6 +8,7 @@ call when both are tensors), combines them, checks the result is finite and repo
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable, Mapping
 
 import torch
@@ -25,13 +26,9 @@ def _batch_of(value: Any) -> int | None:
 
 
 def validate_sigmas(sigmas: Any) -> torch.Tensor:
-    """A 1-D tensor of at least two finite, strictly decreasing, non-negative noise levels."""
-    if not isinstance(sigmas, torch.Tensor):
-        raise TypeError(f"sigmas must be a 1-D torch.Tensor, got {type(sigmas).__name__}")
-    if sigmas.ndim != 1 or sigmas.shape[0] < 2:
-        raise ValueError(f"sigmas must be a 1-D tensor with at least 2 values (>= 1 step), got shape {tuple(sigmas.shape)}")
-    if not sigmas.is_floating_point():
-        raise TypeError(f"sigmas must be a floating-point tensor, got {sigmas.dtype}")
+    """A 1-D tensor of finite, strictly decreasing, non-negative noise levels. A single value is a zero-step run,
+    which returns its input unchanged, as k-diffusion's loops do (a host's img2img pass at strength 0)."""
+    _check_sigmas_shape(sigmas)
     if not torch.isfinite(sigmas).all():
         raise ValueError("sigmas must be finite (found NaN or inf)")
     if (sigmas < 0).any():
@@ -39,6 +36,41 @@ def validate_sigmas(sigmas: Any) -> torch.Tensor:
     if not (sigmas[:-1] > sigmas[1:]).all():
         raise ValueError("sigmas must be strictly decreasing (from the highest noise level to the lowest)")
     return sigmas
+
+
+def _check_sigmas_shape(sigmas: Any) -> None:
+    if not isinstance(sigmas, torch.Tensor):
+        raise TypeError(f"sigmas must be a 1-D torch.Tensor, got {type(sigmas).__name__}")
+    if sigmas.ndim != 1 or sigmas.shape[0] < 1:
+        raise ValueError("sigmas must be a 1-D tensor with at least 1 value (the starting noise level), "
+                         f"got shape {tuple(sigmas.shape)}")
+    if not sigmas.is_floating_point():
+        raise TypeError(f"sigmas must be a floating-point tensor, got {sigmas.dtype}")
+
+
+def validate_run(x: Any, sigmas: Any) -> None:
+    """Check a run's latent and schedule before anything reaches torch, where these mistakes surface as
+    IndexErrors or dtype errors deep inside the model.
+
+    Sigmas must be on the latent's device and must not be float64 for a latent that is not: the Euler-type updates
+    (``to_d`` divides by the sigma broadcast to the latent's shape) turn the latent into float64 after the first
+    step, which the model's float32 layers reject, and a CPU schedule meets a GPU latent the same way. The rules hold
+    for every sampler, so that a schedule works with all of them or with none. (The float32 sigmas of a float16
+    latent promote it to float32, which autocast and mixed-precision models accept, as in k-diffusion.)
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 2:
+        raise TypeError("x must be a floating-point tensor of shape [batch, ...]")
+    if x.shape[0] == 0:
+        raise ValueError(f"x must hold at least one sample, got an empty batch of shape {tuple(x.shape)}")
+    _check_sigmas_shape(sigmas)
+    if sigmas.device != x.device:
+        raise ValueError(f"sigmas are on {sigmas.device} but x is on {x.device}; pass sigmas.to(x.device)")
+    if sigmas.dtype == torch.float64 and x.dtype != torch.float64:
+        raise TypeError(f"sigmas are float64 but x is {str(x.dtype).removeprefix('torch.')}: the update would turn "
+                        "the latent into float64 after the first step; pass sigmas.to(x.dtype)")
+    if not torch.isfinite(x).all():
+        raise ValueError("x must be finite (found NaN or inf in the initial latent)")
+    validate_sigmas(sigmas)
 
 
 def resolve_oracle(oracle: Oracle | str | None) -> Oracle:
@@ -62,6 +94,9 @@ class KDiffusionBackend:
                  conditioning_changed: Callable[[int], bool] | None = None) -> None:
         if not callable(model):
             raise TypeError(f"model must be a callable k-diffusion denoiser, got {type(model).__name__}")
+        if extra_args is not None and not isinstance(extra_args, Mapping):
+            raise TypeError(f"extra_args must be a dict holding 'cond', 'uncond' and 'cond_scale', "
+                            f"got {type(extra_args).__name__}")
         args = dict(extra_args or {})
         missing = [k for k in ("cond", "uncond", "cond_scale") if k not in args]
         if missing:
@@ -70,7 +105,7 @@ class KDiffusionBackend:
         scale = args.pop("cond_scale")
         if isinstance(scale, torch.Tensor) and scale.numel() == 1:
             scale = scale.item()
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
             raise ValueError(f"extra_args['cond_scale'] must be a finite number, got {scale!r}")
         self.cond_scale = float(scale)
         batch = x.shape[0]
@@ -120,9 +155,7 @@ class GuidedDenoiser:
     def __init__(self, model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor,
                  extra_args: Mapping[str, Any] | None, oracle: Oracle | str | None, sampler: str,
                  conditioning_changed: Callable[[int], bool] | None = None, stochastic: bool = False) -> None:
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 2:
-            raise TypeError("x must be a floating-point tensor of shape [batch, ...]")
-        validate_sigmas(sigmas)
+        validate_run(x, sigmas)
         make_backend = getattr(model, "adaptive_backend", None)
         if make_backend is not None:
             self.backend = make_backend(x, extra_args)

@@ -132,11 +132,13 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback: Callback = 
     _check_real("eta", eta)
     _check_real("s_noise", s_noise)
     guided = GuidedDenoiser(model, x, sigmas, extra_args, oracle, "dpmpp_2m_sde", stochastic=eta > 0 and s_noise > 0)
+    if guided.steps == 0:
+        return x  # nothing to do, as in k-diffusion, whose noise sampler cannot be built for a lone sigma of 0
     sigma_min, sigma_max = sigmas[sigmas > 0].min(), sigmas.max()
     noise_sampler = BrownianTreeNoiseSampler(x, sigma_min, sigma_max) if noise_sampler is None else noise_sampler
     s_in = x.new_ones([x.shape[0]])
     old_denoised = None
-    h_last = None
+    h_last = h = None  # h stays None on a 1-step run ending at 0 (k-diffusion's loop raises UnboundLocalError there)
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = guided(x, sigmas[i] * s_in, i)
         if callback is not None:

@@ -46,29 +46,19 @@ def settings_for(p) -> W.AdaptiveSettings:
     return settings
 
 
-def report(p, controller: W.StepController) -> None:
-    """Adaptive NFE used/full per image, summed over the passes of a generation (hires fix has two)."""
-    passes = p.__dict__.setdefault("adaptive_passes", {})
-    passes[id(controller)] = controller.nfe()
-    used = sum(u for u, _ in passes.values())
-    full = sum(f for _, f in passes.values())
-    if full:
-        p.extra_generation_params[W.NFE_FIELD] = f"{used}/{full}"
-
-
 def make_sampler_data(name: str, function: str, base: str):
     base_data = sd_samplers.all_samplers_map[base]
     if function == "ddim":
         def constructor(model):
             sampler = sd_samplers_timesteps.CompVisSampler(W.with_schedule(sd_samplers_timesteps_impl.ddim), model)
-            sampler.model_wrap_cfg = DenoiserT(sampler, settings_for, name, report)
+            sampler.model_wrap_cfg = DenoiserT(sampler, settings_for, name, W.report)
             sampler.model_wrap = sampler.model_wrap_cfg.inner_model
             return sampler
     else:
         def constructor(model):
             sampler = sd_samplers_kdiffusion.KDiffusionSampler(function, model)  # by name: keeps s_churn etc.
             sampler.func = W.with_schedule(sampler.func)
-            sampler.model_wrap_cfg = DenoiserK(sampler, settings_for, name, report)
+            sampler.model_wrap_cfg = DenoiserK(sampler, settings_for, name, W.report)
             sampler.model_wrap = sampler.model_wrap_cfg.inner_model
             return sampler
     alias = name.lower().replace("+", "p").replace(" ", "_")
@@ -90,6 +80,8 @@ def on_ui_settings():
         "max_skips": ("AdaptiveDiffusion max skips in a row", gr.Number, {"precision": 0}),
         "warmup": ("AdaptiveDiffusion warm-up steps (>= 4)", gr.Number, {"precision": 0}),
         "budget": ("Forecast NFE budget (fraction of full CFG; 0 = auto: 0.5, 0.6 on DPM++ SDE)", gr.Number, {}),
+        "min_steps": ("Adapt only passes of at least this many steps (shorter hires-fix / img2img passes run full "
+                      "CFG; 1 adapts every pass)", gr.Number, {"precision": 0}),
     }
     for name, key in OPTION.items():
         label, component, args = labels[name]
@@ -102,7 +94,8 @@ script_callbacks.on_ui_settings(on_ui_settings)
 
 class AdaptiveSamplingScript(scripts.Script):
     """The "Adaptive sampling" accordion; its args are also the API's alwayson_scripts args, in this order:
-    enable, mode, ag_threshold, ag_space, ad_threshold, max_skips, warmup, budget."""
+    enable, mode, ag_threshold, ag_space, ad_threshold, max_skips, warmup, budget, min_steps (appended last, so
+    older requests with eight args keep their meaning and get the default)."""
 
     def title(self):
         return "Adaptive sampling"
@@ -123,7 +116,8 @@ class AdaptiveSamplingScript(scripts.Script):
                 ad_threshold = gr.Number(DEFAULTS.ad_threshold, label="Skip threshold")
                 max_skips = gr.Number(DEFAULTS.max_skips, label="Max skips", precision=0)
                 warmup = gr.Number(DEFAULTS.warmup, label="Warm-up steps", precision=0)
-        controls = [enable, mode, ag_threshold, ag_space, ad_threshold, max_skips, warmup, budget]
+                min_steps = gr.Number(DEFAULTS.min_steps, label="Min steps per pass (shorter: full CFG)", precision=0)
+        controls = [enable, mode, ag_threshold, ag_space, ad_threshold, max_skips, warmup, budget, min_steps]
         self.infotext_fields = [(enable, lambda d: W.INFOTEXT["mode"] in d)] + [
             (c, W.INFOTEXT[n]) for c, n in zip(controls[1:], W.INFOTEXT)]
         self.paste_field_names = [W.INFOTEXT[n] for n in W.INFOTEXT]
@@ -150,10 +144,10 @@ class AdaptiveSamplingScript(scripts.Script):
             return
         if isinstance(sampler, sd_samplers_timesteps.CompVisSampler):
             sampler.func = W.with_schedule(sampler.func)
-            sampler.model_wrap_cfg = DenoiserT(sampler, settings_for, name, report)
+            sampler.model_wrap_cfg = DenoiserT(sampler, settings_for, name, W.report)
         else:
             sampler.func = W.with_schedule(sampler.func)
-            sampler.model_wrap_cfg = DenoiserK(sampler, settings_for, name, report)
+            sampler.model_wrap_cfg = DenoiserK(sampler, settings_for, name, W.report)
         sampler.model_wrap = sampler.model_wrap_cfg.inner_model
 
 
@@ -170,7 +164,7 @@ def _xyz_axes():
 
     xyz.axis_options.append(xyz.AxisOption("[Adaptive] Mode", str, setter("mode"), choices=lambda: list(W.MODES)))
     for name, kind in (("ag_threshold", float), ("ad_threshold", float), ("budget", float), ("max_skips", int),
-                       ("warmup", int)):
+                       ("warmup", int), ("min_steps", int)):
         xyz.axis_options.append(xyz.AxisOption(f"[Adaptive] {W.INFOTEXT[name][len('Adaptive '):]}", kind,
                                                setter(name)))
     xyz.axis_options.append(xyz.AxisOption("[Adaptive] AG space", str, setter("ag_space"),

@@ -177,7 +177,7 @@ def test_each_mode_evaluates_fewer_rows_and_advances_step_every_call(denoiser, m
 def test_cond_only_is_a1111s_own_cond_only_path(denoiser):
     """COND steps evaluate only the conditional rows and give exactly the conditional prediction."""
     counting = CountingModel(denoiser)
-    d = make(W.AdaptiveSettings(mode="ag", ag_threshold=-1.0), counting, 10)  # switches after step 0
+    d = make(W.AdaptiveSettings(mode="ag", ag_threshold=-1.0, min_steps=1), counting, 10)  # switches after step 0
     sample(d, [4, 9], steps=10)
     assert d.adaptive.oracle.decisions == [Decision.FULL] + [Decision.COND] * 9
     assert counting.rows == 4 + 9 * 2

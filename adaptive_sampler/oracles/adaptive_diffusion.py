@@ -18,7 +18,8 @@ class AdaptiveDiffusion(Oracle):
     The official code's cap is ``len(mask) > 4 and not any(mask[-C_max:])``, whose hard-coded ``> 4`` lets five
     skips in a row through right after warm-up; here the cap holds everywhere.
     The decision is per batch, as in the official code. A skipped step reuses the last computed eps.
-    ``threshold=0`` disables skipping.
+    ``threshold=0`` disables skipping. A run no longer than the warm-up (a short hires-fix or img2img pass) computes
+    every step and says so in :attr:`overrides`: a pass's length is never an error.
     """
 
     name = "adaptive-diffusion"
@@ -36,8 +37,9 @@ class AdaptiveDiffusion(Oracle):
         return f"AdaptiveDiffusion(threshold={self.threshold}, max_skips={self.max_skips}, warmup={self.warmup})"
 
     def _begin(self, run: RunInfo) -> None:
-        if self.warmup >= run.steps:
-            raise ValueError(f"warmup must be smaller than the number of steps ({run.steps}), got {self.warmup}")
+        if 0 < run.steps <= self.warmup:
+            self.overrides.append((0, f"warm-up ({self.warmup}) covers the whole {run.steps}-step run: "
+                                      "every step computed"))
         self.estimates = []
         self._prev_x = None
         self._diffs = []

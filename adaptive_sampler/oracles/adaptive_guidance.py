@@ -93,7 +93,7 @@ class AdaptiveGuidance(Oracle):
 
     def _observe(self, record: StepRecord) -> None:
         gamma = None
-        if record.decision is Decision.FULL:
+        if record.decision is Decision.FULL and record.cond is not None and record.uncond is not None:
             c = to_space(record.cond, record.x, record.sigma, self.space)
             u = to_space(record.uncond, record.x, record.sigma, self.space)
             gamma = float(per_sample_cosine(c, u).min())

@@ -12,8 +12,9 @@ A sampling loop asks its oracle, before every step, for a :class:`Decision`:
   the sampler still updates the latent and draws its own noise (0 NFE).
 
 The oracle then sees what the step produced (:meth:`Oracle.record`). State lives in the oracle object and is
-cleared by :meth:`Oracle.reset` at the start of every run, so one object can serve many runs (but not two runs at
-the same time: give each thread its own oracle).
+cleared by :meth:`Oracle.reset` at the start of every run, so one object can serve many runs, one at a time: a run
+whose oracle was reset by another run (another thread, or an interleaved run in the same thread) gets a
+``RuntimeError`` naming the mistake at its next step, and the run that reset it is unaffected.
 
 The base class enforces the rules every oracle must obey, whatever its policy says:
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import enum
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -60,7 +62,8 @@ _NFE = {Decision.FULL: 2, Decision.COND: 1, Decision.LINEAR: 1, Decision.CACHED:
 @dataclass(frozen=True)
 class RunInfo:
     """What an oracle knows about a run before its first step. ``sigmas`` may be empty when the host does not
-    expose its schedule (then ``steps`` must be given). ``stochastic`` is true when the sampler adds fresh noise to
+    expose its schedule (then ``steps`` must be given). A run of 0 steps (a single sigma) is legal: k-diffusion's
+    loops return their input unchanged, and so do ours. ``stochastic`` is true when the sampler adds fresh noise to
     the latent after its steps (Euler a, DPM++ SDE, DDIM with eta > 0, churn): a skipped step must then not reuse a
     noise prediction (eps) computed before that noise arrived."""
 
@@ -73,8 +76,8 @@ class RunInfo:
     def __post_init__(self) -> None:
         if self.steps < 0:
             object.__setattr__(self, "steps", len(self.sigmas) - 1)
-        if self.steps < 1:
-            raise ValueError(f"a run needs at least 1 step, got {self.steps}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"steps must be an integer >= 0, got {self.steps!r}")
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,8 @@ class StepRecord:
     """What a step produced. Predictions are denoised images (x0, k-diffusion convention).
 
     ``uncond`` is the real unconditional prediction on FULL steps and the estimate on LINEAR steps; ``eps`` is the
-    guided noise prediction the sampler used, ``(x - denoised) / sigma``.
+    guided noise prediction the sampler used, ``(x - denoised) / sigma``. A host that cannot tell the rows of a
+    call apart (A1111 edit models) records a FULL step without ``cond``/``uncond``.
     """
 
     index: int
@@ -156,11 +160,17 @@ def _check_int(name: str, value: object, lo: int, accepted: str | None = None) -
 
 class Oracle:
     """Base class: bookkeeping, safety rules and the per-run summary. Subclasses implement :meth:`_decide`
-    (and optionally :meth:`_begin`, :meth:`_observe`, :meth:`estimate_uncond`)."""
+    (and optionally :meth:`_begin`, :meth:`_observe`, :meth:`estimate_uncond`).
+
+    One run at a time: :meth:`reset` makes the calling thread the run's owner, and :meth:`decide` /
+    :meth:`record` refuse any other thread, or a step out of order, under a lock, so the misused run fails with a
+    clear error before it can touch the state of the run that reset the oracle."""
 
     name = "oracle"
 
     def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._owner: int | None = None
         self.run: RunInfo | None = None
         self.decisions: list[Decision] = []
         self.overrides: list[tuple[int, str]] = []
@@ -171,20 +181,49 @@ class Oracle:
 
     # -- the contract used by sampling loops and the A1111 adapter ------------------------------------------------
     def reset(self, run: RunInfo) -> None:
-        """Forget everything about the previous run and prepare for ``run``."""
-        self.run = run
-        self.decisions = []
-        self.overrides = []
-        self.nfe = 0
-        self._last = None
-        self._last_computed = None
-        self._consecutive_cached = 0
-        self._begin(run)
+        """Forget everything about the previous run and prepare for ``run`` (run by the calling thread)."""
+        with self._guard:
+            self._owner = threading.get_ident()
+            self.run = run
+            self.decisions = []
+            self.overrides = []
+            self.nfe = 0
+            self._last = None
+            self._last_computed = None
+            self._consecutive_cached = 0
+            self._begin(run)
 
     def decide(self, state: StepState) -> Decision:
         """The decision for the step described by ``state``, after the safety rules."""
+        with self._guard:
+            self._check_turn("decide", state.index, len(self.decisions))
+            return self._decide_safely(state)
+
+    def _check_turn(self, action: str, index: int, expected: int) -> None:
+        """Refuse a call from a run that does not own this oracle (the misuse that corrupts two runs at once)."""
         if self.run is None:
-            raise RuntimeError(f"{type(self).__name__}.reset() must be called before decide()")
+            raise RuntimeError(f"{type(self).__name__}.reset() must be called before {action}()")
+        if self._owner != threading.get_ident():
+            raise RuntimeError(
+                f"{self!r} is used by two runs at once: another thread reset it for its own run while this thread's "
+                f"run was at step {index}. An oracle holds one run's state; give each concurrent run (thread) its "
+                "own oracle, e.g. a fresh one or copy.deepcopy(oracle)")
+        if index != expected:
+            raise RuntimeError(
+                f"{self!r} was asked to {action} step {index} but its run is at step {expected}: it was reset by "
+                "another run in between (or the steps came out of order). One oracle serves one run at a time; give "
+                "each run its own oracle")
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["_guard"]  # copies (copy.deepcopy, pickle) get a lock of their own
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._guard = threading.Lock()
+
+    def _decide_safely(self, state: StepState) -> Decision:
         if state.conditioning_changed:
             self._last_computed = None
             self._last = None
@@ -201,6 +240,11 @@ class Oracle:
     def record(self, record: StepRecord, wasted_nfe: int = 0, fallback_from: Decision | None = None) -> None:
         """Take note of what a step produced. ``wasted_nfe`` counts network rows per sample whose output was
         discarded (a non-finite prediction that forced a full re-evaluation, named by ``fallback_from``)."""
+        with self._guard:
+            self._check_turn("record", record.index, len(self.decisions))
+            self._record(record, wasted_nfe, fallback_from)
+
+    def _record(self, record: StepRecord, wasted_nfe: int, fallback_from: Decision | None) -> None:
         self.decisions.append(record.decision)
         self.nfe += record.decision.nfe + wasted_nfe
         if fallback_from is not None:
@@ -271,7 +315,8 @@ class Oracle:
             if state.conditioning_changed:
                 return "conditioning changed"
             last = self._last
-            if last is None or last.index != state.index - 1 or last.decision is not Decision.FULL:
+            if last is None or last.index != state.index - 1 or last.decision is not Decision.FULL \
+                    or last.cond is None or last.uncond is None:
                 return "LINEAR needs a FULL previous step"
         return None
 

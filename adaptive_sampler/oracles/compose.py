@@ -41,6 +41,7 @@ class Compose(Oracle):
     def _begin(self, run: RunInfo) -> None:
         self.guidance.reset(run)
         self.skipping.reset(run)
+        self.overrides.extend(self.guidance.overrides + self.skipping.overrides)  # run-level notes (short runs)
 
     def _conditioning_changed(self, state: StepState) -> None:
         self.guidance._conditioning_changed(state)

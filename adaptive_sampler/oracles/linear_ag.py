@@ -146,7 +146,7 @@ class UncondEstimator:
         self._prev = None
 
     def observe(self, record: StepRecord) -> None:
-        if record.decision is Decision.FULL:
+        if record.decision is Decision.FULL and record.cond is not None and record.uncond is not None:
             x, s = record.x.float(), record.sigma
             self._prev = (record.index, (x - record.cond.float()) / s, (x - record.uncond.float()) / s)
         else:

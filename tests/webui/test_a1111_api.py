@@ -30,7 +30,9 @@ ADAPTIVE = ["Euler Adaptive", "Euler a Adaptive", "DPM++ 2M Adaptive", "DPM++ 2M
 BUILTIN = {"Euler Adaptive": "Euler", "Euler a Adaptive": "Euler a", "DPM++ 2M Adaptive": "DPM++ 2M",
            "DPM++ 2M SDE Adaptive": "DPM++ 2M SDE", "DDIM Adaptive": "DDIM"}
 SCRIPT = "adaptive sampling"
-BASE = dict(prompt="a red apple", negative_prompt="blurry", seed=1234, steps=8, width=64, height=64, cfg_scale=5)
+# 8 steps keeps the suite fast; passes that short are adapted only with min_steps below the default 12.
+BASE = dict(prompt="a red apple", negative_prompt="blurry", seed=1234, steps=8, width=64, height=64, cfg_scale=5,
+            override_settings={"adaptive_sampler_min_steps": 1})
 
 
 def _free_port():
@@ -114,8 +116,9 @@ def fields(infotext):
 
 
 def adaptive_args(enable=True, mode="forecast", ag_threshold=0.991, ag_space="x0", ad_threshold=0.01, max_skips=4,
-                  warmup=4, budget=0.0):
-    return {SCRIPT: {"args": [enable, mode, ag_threshold, ag_space, ad_threshold, max_skips, warmup, budget]}}
+                  warmup=4, budget=0.0, min_steps=1):
+    return {SCRIPT: {"args": [enable, mode, ag_threshold, ag_space, ad_threshold, max_skips, warmup, budget,
+                              min_steps]}}
 
 
 def test_samplers_are_listed(server):
@@ -231,3 +234,73 @@ def test_a_bad_parameter_is_an_http_error_with_a_clear_message(server, sampler):
                       {**BASE, "sampler_name": sampler, "alwayson_scripts": adaptive_args(max_skips=0)},
                       expect_error=True)
     assert code >= 400 and "max_skips must be an integer >= 1" in text
+
+
+# -- hardening (issue 15): no pass length, AND prompt, guidance scale or A1111 uncond skip fails a request --------
+MODES = ["forecast", "ag", "linear-ag", "adaptive-diffusion", "ag+adaptive-diffusion"]
+
+
+def img2img(url, **kw):
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(buf, format="PNG")
+    body = call(url, "/sdapi/v1/img2img", {**BASE, "init_images": [base64.b64encode(buf.getvalue()).decode()],
+                                           "sampler_name": "Euler Adaptive", **kw})
+    return fields(json.loads(body["info"])["infotexts"][0])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_short_img2img_pass_runs_in_every_mode(server, mode):
+    """Strength 0.3 of 8 steps runs 3 steps: below min_steps it is full CFG and says so; with min_steps 1 the mode
+    adapts it, computing what it cannot skip."""
+    f = img2img(server, denoising_strength=0.3, alwayson_scripts=adaptive_args(mode=mode, min_steps=12))
+    used, full = map(int, f["Adaptive NFE"].split("/"))
+    assert used == full and "below min steps (12)" in f["Adaptive notes"]
+    f = img2img(server, denoising_strength=0.3, alwayson_scripts=adaptive_args(mode=mode))
+    assert int(f["Adaptive min steps"]) == 1 and "Adaptive NFE" in f
+    if "adaptive-diffusion" in mode:
+        assert "every step computed" in f["Adaptive notes"]
+
+
+@pytest.mark.parametrize("strength", [0.0, 0.05])
+def test_img2img_at_zero_or_tiny_strength_runs(server, strength):
+    f = img2img(server, denoising_strength=strength, alwayson_scripts=adaptive_args(mode="adaptive-diffusion"))
+    assert f["Sampler"] == "Euler Adaptive"
+
+
+def test_hires_fix_with_a_short_second_pass_runs(server):
+    images, infotexts = txt2img(server, sampler_name="Euler Adaptive", enable_hr=True, hr_scale=1.5,
+                                hr_second_pass_steps=3, denoising_strength=0.5, hr_upscaler="Latent",
+                                hr_sampler_name="DPM++ 2M Adaptive", alwayson_scripts=adaptive_args(
+                                    mode="ag+adaptive-diffusion"))
+    f = fields(infotexts[0])
+    assert len(images) == 1 and "every step computed" in f["Adaptive notes"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_and_sub_prompts_in_a_batch_of_one(server, mode):
+    images, infotexts = txt2img(server, sampler_name="DPM++ 2M Adaptive", batch_size=1,
+                                prompt="a red apple AND a wooden table:0.6 AND a lamp:0.8",
+                                alwayson_scripts=adaptive_args(mode=mode))
+    used, full = map(int, fields(infotexts[0])["Adaptive NFE"].split("/"))
+    assert len(images) == 1 and 0 < used <= full
+
+
+@pytest.mark.parametrize("cfg_scale", [1, -2])
+def test_cfg_1_and_negative_cfg_run(server, cfg_scale):
+    images, _ = txt2img(server, sampler_name="Euler Adaptive", cfg_scale=cfg_scale,
+                        alwayson_scripts=adaptive_args(mode="ag+adaptive-diffusion"))
+    assert len(images) == 1
+
+
+def test_negative_guidance_minimum_sigma_is_a1111s_own_with_adaptation_disabled(server):
+    """A1111 drops the unconditional rows itself on odd low-noise steps; the adaptive sampler must follow."""
+    ngms = {"s_min_uncond": 100.0}
+    ours, _ = txt2img(server, sampler_name="Euler Adaptive", override_settings=ngms,
+                         alwayson_scripts=adaptive_args(mode="ag", ag_threshold=1.0))
+    theirs, _ = txt2img(server, sampler_name="Euler", override_settings=ngms)
+    assert np.array_equal(ours[0], theirs[0])
+    for mode in MODES:
+        images, _ = txt2img(server, sampler_name="Euler Adaptive", override_settings=ngms,
+                            alwayson_scripts=adaptive_args(mode=mode))
+        assert len(images) == 1
