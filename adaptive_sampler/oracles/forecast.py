@@ -58,7 +58,10 @@ def from_space(space: str, value: torch.Tensor, x: torch.Tensor, sigma: float) -
 
 def computed_steps(steps: int, budget: float, warmup: int, sigmas: Sequence[float] = ()) -> frozenset[int]:
     """The steps a budget computes: warm-up, the last step, and the rest spread over the middle steps - evenly in
-    step index, or, when ``sigmas`` (the run's schedule) is given, evenly in log sigma.
+    step index, or, when ``sigmas`` (the run's schedule) is given, evenly in log sigma. In step index the minority is
+    spread: the computed steps when the budget is at most half of them, the skipped steps above that (measured: at
+    63-70% this keeps every skipped step between two computed ones and gains 1-10 dB over spreading the computed
+    steps, README method notes).
 
     A run too short for the budget (fewer than ``warmup + 1`` computed steps) still computes the warm-up and the
     last step: forecasting from nothing would be a guess. :class:`Forecast` reports such runs in its overrides.
@@ -75,8 +78,11 @@ def computed_steps(steps: int, budget: float, warmup: int, sigmas: Sequence[floa
         chosen: set[int] = set()
         for k in range(1, extra + 1):
             chosen.add(min((j for j in middle if j not in chosen), key=lambda j: abs(position[j] - k / (extra + 1))))
-    else:
+    elif 2 * total <= steps:  # computed steps are the minority: spread them
         chosen = {middle[round((j + 1) * len(middle) / (extra + 1))] for j in range(extra)}
+    else:  # skipped steps are the minority: spread those, so that no two are adjacent while the budget allows
+        skipped = steps - total
+        chosen = set(middle) - {middle[int((k + 0.5) * len(middle) / skipped)] for k in range(skipped)}
     return frozenset(range(warmup)) | {steps - 1} | chosen
 
 
