@@ -2,6 +2,7 @@
 real k-diffusion loops and the real embedded model. The real ComfyUI is exercised by tests/comfyui/."""
 
 import importlib.util
+import json
 import logging
 import math
 import subprocess
@@ -264,3 +265,11 @@ def test_the_root_init_exports_the_nodes_inside_comfyui():
     assert set(pack.NODE_CLASS_MAPPINGS) == {"AdaptiveSampling", "AdaptiveSamplingReport"}
     assert pack.NODE_DISPLAY_NAME_MAPPINGS["AdaptiveSampling"] == "Adaptive Sampling"
     assert "euler_adaptive" in sys.modules["comfy.samplers"].KSampler.SAMPLERS
+
+
+def test_the_documented_workflow_uses_the_nodes_widgets():
+    graph = json.loads((REPO / "docs" / "comfyui" / "adaptive_sampling_api.json").read_text())
+    node = next(n for n in graph.values() if n["class_type"] == "AdaptiveSampling")
+    widgets = {k: v for k, v in node["inputs"].items() if k != "model"}
+    assert set(widgets) == set(H.WIDGETS) and H.ComfySettings(**widgets) == H.ComfySettings()
+    assert {n["class_type"] for n in graph.values()} >= {"KSampler", "AdaptiveSamplingReport"}
