@@ -1,0 +1,573 @@
+"""ComfyUI glue: the "Adaptive Sampling" model-patch node, the ``*_adaptive`` KSampler samplers and the per-run report.
+
+Nothing here imports ComfyUI at module level: ComfyUI's modules are imported inside the functions that need them,
+so the mechanics are testable with small stand-ins and real k-diffusion (``tests/test_comfyui.py``).
+
+Mechanics. The node clones the MODEL and registers three of ComfyUI's model wrappers (``comfy.patcher_extension``):
+
+* ``OUTER_SAMPLE`` (once per sampling run): identifies the sampler that is about to run, builds a fresh oracle and
+  an :class:`AdaptiveRun` for this run only, and puts the run in the run's ``transformer_options``; when the run
+  ends it logs a one-line report and keeps it for the "Adaptive Sampling Report" node. Nothing outlives the run but
+  the report.
+* ``PREDICT_NOISE`` (once per model call of the sampler): the step index is the position of the call's sigma in
+  ``transformer_options["sample_sigmas"]``; the oracle's decision becomes the prediction. FULL is ComfyUI's own
+  path, untouched (cond + uncond, its CFG function, its pre/post-CFG hooks); COND is ComfyUI's own path at CFG scale
+  1 (conditional rows only, exactly what ComfyUI evaluates when the user sets cfg 1); LINEAR evaluates the
+  conditional rows with ``calc_cond_batch`` and combines them with the estimated unconditional prediction through
+  ComfyUI's ``cfg_function`` (its CFG and post-CFG hooks); CACHED makes no model call (the oracle's x0 forecast).
+* ``CALC_COND_BATCH``: observes ComfyUI's conditional and unconditional predictions on computed steps (the
+  oracles that test guidance need them); it changes nothing.
+
+Only samplers that evaluate the model exactly once per step, at the step's sigma, are adapted; any other sampler
+(heun, dpm_2, dpmpp_sde, uni_pc, ...) and any guider other than ComfyUI's CFGGuider runs unchanged, with one log
+line. A call whose sigma is not the next step's stops the adaptation for the rest of the run (full CFG, logged):
+never a wrong step count.
+
+The module is over 300 lines because it is the whole ComfyUI host (one module per host, needing no other).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass, fields
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import torch
+
+from .. import oracles as O
+from ..oracles import Decision, RunInfo, StepRecord, StepState
+
+log = logging.getLogger(__name__)
+
+#: Key of our wrappers and of the patch in ``transformer_options``; key of the per-run object.
+KEY = "adaptive_sampler"
+RUN_KEY = "adaptive_sampler_run"
+
+MODES = ("forecast", "ag", "linear-ag", "adaptive-diffusion", "ag+adaptive-diffusion", "off")
+GUIDANCE_MODES = ("ag", "linear-ag", "ag+adaptive-diffusion")  # need ComfyUI's unconditional prediction
+
+#: k-diffusion sampler functions (ComfyUI's ``comfy.k_diffusion.sampling``) that call the model exactly once per
+#: step, at ``sigmas[i]``, and how they add noise: None (deterministic), "eta" (ancestral / SDE: noise when eta > 0
+#: and s_noise > 0), "s_noise" (noise when s_noise > 0), "always", "churn" (euler: s_churn > 0 moves the call to
+#: sigma_hat, which is not supported).
+ONE_CALL_SAMPLERS: dict[str, str | None] = {
+    "sample_euler": "churn",
+    "sample_euler_ancestral": "eta",
+    "sample_lms": None,
+    "sample_dpmpp_2m": None,
+    "sample_dpmpp_2m_sde": "eta",
+    "sample_dpmpp_2m_sde_gpu": "eta",
+    "sample_dpmpp_2m_sde_heun": "eta",
+    "sample_dpmpp_2m_sde_heun_gpu": "eta",
+    "sample_dpmpp_3m_sde": "eta",
+    "sample_dpmpp_3m_sde_gpu": "eta",
+    "sample_ddpm": "always",
+    "sample_lcm": "s_noise",
+    "sample_ipndm": None,
+    "sample_ipndm_v": None,
+    "sample_deis": None,
+    "sample_res_multistep": None,
+    "sample_res_multistep_ancestral": "eta",
+    "sample_er_sde": "s_noise",
+    "sample_gradient_estimation": None,
+}
+
+#: The samplers added to ComfyUI's KSampler list as ``<base>_adaptive``.
+ADAPTIVE_SAMPLERS = ("euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde")
+
+
+def _defaults() -> dict[str, Any]:
+    """Widget defaults, taken from the oracles themselves so they cannot drift: ``recommended()`` and the
+    published AG / AdaptiveDiffusion settings."""
+    rec, ad = O.recommended(), O.AdaptiveDiffusion()
+    if not isinstance(rec, O.Forecast):  # the "forecast" mode below builds the recommended oracle
+        raise RuntimeError(f"recommended() is {type(rec).__name__}; update the ComfyUI host's default mode")
+    return dict(mode="forecast", budget=rec.budget, ag_threshold=O.DEFAULT_AG_THRESHOLDS["x0"], ag_space="x0",
+                ad_threshold=ad.threshold, ad_max_skips=ad.max_skips, ad_warmup=ad.warmup)
+
+
+_DEFAULTS = _defaults()
+
+
+@dataclass(frozen=True)
+class ComfySettings:
+    """The node's widgets, validated at construction: a bad value raises ``ValueError`` naming the widget."""
+
+    mode: str = _DEFAULTS["mode"]
+    budget: float = _DEFAULTS["budget"]
+    ag_threshold: float = _DEFAULTS["ag_threshold"]
+    ag_space: str = _DEFAULTS["ag_space"]
+    ad_threshold: float = _DEFAULTS["ad_threshold"]
+    ad_max_skips: int = _DEFAULTS["ad_max_skips"]
+    ad_warmup: int = _DEFAULTS["ad_warmup"]
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        for name in ("budget", "ag_threshold", "ad_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, name, float(value))
+        checks: dict[str, Callable[[], object]] = {  # every widget is checked, whatever the mode
+            "budget": lambda: O.Forecast(budget=self.budget),
+            "ag_space": lambda: O.AdaptiveGuidance(space=self.ag_space) if self.ag_space in O.DEFAULT_AG_THRESHOLDS
+            else O.AdaptiveGuidance(0.5, space=self.ag_space),
+            "ag_threshold": lambda: O.AdaptiveGuidance(self.ag_threshold, "x0"),
+            "ad_threshold": lambda: O.AdaptiveDiffusion(threshold=self.ad_threshold),
+            "ad_max_skips": lambda: O.AdaptiveDiffusion(max_skips=self.ad_max_skips),
+            "ad_warmup": lambda: O.AdaptiveDiffusion(warmup=self.ad_warmup),
+        }
+        for name, check in checks.items():
+            try:
+                check()
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{name}: {e}") from None
+
+    def build_oracle(self) -> O.Oracle | None:
+        """A fresh oracle for one sampling run (None for mode "off")."""
+        ag = lambda: O.AdaptiveGuidance(self.ag_threshold, self.ag_space)  # noqa: E731
+        ad = lambda: O.AdaptiveDiffusion(self.ad_threshold, self.ad_max_skips, self.ad_warmup)  # noqa: E731
+        return {
+            "forecast": lambda: O.Forecast(budget=self.budget),
+            "ag": ag,
+            "linear-ag": lambda: O.LinearAG(threshold=self.ag_threshold, space=self.ag_space),
+            "adaptive-diffusion": ad,
+            "ag+adaptive-diffusion": lambda: O.Compose(ag(), ad()),
+            "off": lambda: None,
+        }[self.mode]()
+
+    def describe(self) -> str:
+        used = {"forecast": ("budget",), "ag": ("ag_threshold", "ag_space"), "linear-ag": ("ag_threshold", "ag_space"),
+                "adaptive-diffusion": ("ad_threshold", "ad_max_skips", "ad_warmup"),
+                "ag+adaptive-diffusion": ("ag_threshold", "ag_space", "ad_threshold", "ad_max_skips", "ad_warmup"),
+                "off": ()}[self.mode]
+        return self.mode + "".join(f" {k}={getattr(self, k)}" for k in used)
+
+
+WIDGETS = tuple(f.name for f in fields(ComfySettings))
+
+
+def classify_sampler(sampler: Any) -> tuple[str, bool, str | None]:
+    """(name, stochastic, why it cannot be adapted or None) for a ComfyUI sampler object (``KSAMPLER``)."""
+    function = getattr(sampler, "sampler_function", None)
+    if function is None:
+        return type(sampler).__name__, False, "is not one of ComfyUI's k-diffusion samplers (KSAMPLER)"
+    name = getattr(function, "adaptive_base", None) or getattr(function, "__name__", "?")
+    options = dict(getattr(sampler, "extra_options", None) or {})
+    if name not in ONE_CALL_SAMPLERS:
+        return name, False, "does not evaluate the model exactly once per step"
+    kind = ONE_CALL_SAMPLERS[name]
+    if kind == "churn" and float(options.get("s_churn", 0.0)) > 0:
+        return name, True, "with s_churn > 0 evaluates the model at a raised sigma"
+    if options.get("cfg_pp"):
+        return name, False, "with cfg_pp needs the unconditional prediction at every step"
+    eta, s_noise = float(options.get("eta", 1.0)), float(options.get("s_noise", 1.0))
+    stochastic = {None: False, "churn": False, "always": True, "s_noise": s_noise > 0,
+                  "eta": eta > 0 and s_noise > 0}[kind]
+    return name, stochastic, None
+
+
+def latent_fingerprint(samples: torch.Tensor) -> tuple:
+    """Identifies a sampler's output latent (shape and exact sums), to find its run's report later."""
+    t = samples.detach().double()
+    return tuple(samples.shape), float(t.sum()), float(t.abs().sum())
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """What one sampling run did. NFE is per image: network rows per sample (FULL 2, COND/LINEAR 1, CACHED 0)."""
+
+    sampler: str
+    mode: str
+    steps: int
+    batch: int
+    stochastic: bool
+    nfe: int
+    nfe_full: int
+    schedule: str
+    note: str
+    fingerprint: tuple = ()
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {d.name: self.schedule.count(d.value) for d in Decision if d.value in self.schedule}
+
+    def line(self) -> str:
+        ratio = f" ({self.nfe / self.nfe_full:.0%})" if self.nfe_full else ""
+        counts = ", ".join(f"{k} {v}" for k, v in self.counts.items())
+        text = (f"Adaptive Sampling [{self.mode}] {self.sampler}: {self.steps} steps, batch {self.batch}, "
+                f"{'stochastic' if self.stochastic else 'deterministic'}, NFE {self.nfe}/{self.nfe_full} per image"
+                f"{ratio}" + (f"; {counts}; decisions {self.schedule}" if self.schedule else ""))
+        return text + (f"; {self.note}" if self.note else "")
+
+
+class AdaptivePatch:
+    """What one "Adaptive Sampling" node put on its MODEL: the settings and the reports of recent runs (kept so the
+    report node can find the run that produced a latent; bounded, and holding no tensors)."""
+
+    def __init__(self, settings: ComfySettings) -> None:
+        self.settings = settings
+        self.reports: deque[RunReport] = deque(maxlen=64)
+
+    def find(self, samples: torch.Tensor) -> RunReport | None:
+        fp = latent_fingerprint(samples)
+        return next((r for r in reversed(self.reports) if r.fingerprint == fp), None)
+
+
+class AdaptiveRun:
+    """One sampling run under one oracle (created per run, dropped when the run ends)."""
+
+    def __init__(self, settings: ComfySettings, sampler: str, sigmas: torch.Tensor, batch: int, cfg: float,
+                 stochastic: bool, reason: str | None = None, cfg1: bool = False) -> None:
+        self.settings = settings
+        self.sampler = sampler
+        self.sigmas = [float(s) for s in sigmas.reshape(-1)]
+        self.steps = len(self.sigmas) - 1
+        self.batch = batch
+        self.stochastic = stochastic
+        self.rows_full = 1 if cfg1 else 2
+        self.cfg1 = cfg1
+        if reason is None and cfg1 and settings.mode in GUIDANCE_MODES:
+            reason = "cfg is 1: ComfyUI evaluates no unconditional prediction, so there is no guidance to adapt"
+        self.reason = reason
+        self.oracle = settings.build_oracle() if reason is None and self.steps >= 1 else None
+        self.stopped: str | None = None
+        self.next_index = 0
+        self.nfe = 0
+        self.schedule: list[str] = []
+        self.capturing = False
+        self.captured: list[torch.Tensor] | None = None
+        if self.oracle is not None:
+            self.oracle.reset(RunInfo(sampler=sampler, sigmas=tuple(self.sigmas), batch_size=batch,
+                                      stochastic=stochastic))
+
+    @property
+    def active(self) -> bool:
+        return self.oracle is not None and self.stopped is None
+
+    def stop(self, reason: str) -> None:
+        self.stopped = f"adaptation stopped at step {self.next_index}: {reason}; the rest ran unchanged (full CFG)"
+        log.warning("Adaptive Sampling: %s", self.stopped)
+
+    # -- one model call -----------------------------------------------------------------------------------------
+    def predict(self, executor: Any, x: torch.Tensor, timestep: torch.Tensor, model_options: dict, seed: Any) -> torch.Tensor:
+        if self.active:
+            s = float(timestep.reshape(-1)[0])
+            i = self.next_index
+            if i >= self.steps:
+                self.stop(f"the sampler called the model again after its {self.steps} steps (sigma {s:.4g})")
+            elif not (math.isclose(s, self.sigmas[i], rel_tol=1e-4, abs_tol=1e-7)
+                      or (i == 0 and self.sigmas[1] < s < self.sigmas[0])):  # flow models offset the first sigma
+                self.stop(f"the sampler called the model at sigma {s:.4g}, but step {i} is at {self.sigmas[i]:.4g}")
+        if not self.active:
+            self.nfe += self.rows_full
+            if self.oracle is not None:
+                self.schedule.append(Decision.FULL.value)
+            return executor(x, timestep, model_options, seed)
+        self.next_index += 1
+        return self._step(i, s, executor, x, timestep, model_options, seed)
+
+    def _step(self, i: int, s: float, executor: Any, x: torch.Tensor, timestep: torch.Tensor, model_options: dict,
+              seed: Any) -> torch.Tensor:
+        state = StepState(index=i, total=self.steps, sigma=s, x=x)
+        decision = self.oracle.decide(state)
+        wasted, fallback_from = 0, None
+        if decision is Decision.CACHED:
+            denoised, cond, uncond = self.oracle.cached_denoised(state).to(x.dtype), None, None
+        elif decision is Decision.COND:
+            denoised, cond, uncond = self._cond(executor, x, timestep, model_options, seed)
+        elif decision is Decision.LINEAR:
+            denoised, cond, uncond = self._linear(state, executor, x, timestep, model_options)
+        else:
+            denoised, cond, uncond = self._full(executor, x, timestep, model_options, seed)
+        if not torch.isfinite(denoised).all():
+            if decision is Decision.FULL:  # ComfyUI's own result: pass it on, but never cache or regress on it
+                self.nfe += self.rows_full
+                self.schedule.append(decision.value)
+                self.stop(f"ComfyUI's full-CFG prediction at step {i} is NaN/inf")
+                return denoised
+            wasted, fallback_from, decision = self._rows(decision), decision, Decision.FULL
+            denoised, cond, uncond = self._full(executor, x, timestep, model_options, seed)
+        if decision is Decision.FULL and self.settings.mode in GUIDANCE_MODES and uncond is None:
+            self.nfe += wasted + self.rows_full
+            self.schedule.append(decision.value)
+            self.stop("ComfyUI's conditional and unconditional predictions could not be observed "
+                      "(a custom sampler_calc_cond_batch_function?), which the guidance test needs")
+            return denoised
+        self.nfe += wasted + self._rows(decision)
+        self.schedule.append(decision.value)
+        eps = (x - denoised) / s
+        self.oracle.record(StepRecord(index=i, decision=decision, sigma=s, x=x, denoised=denoised, eps=eps,
+                                      cond=cond, uncond=uncond), wasted_nfe=wasted, fallback_from=fallback_from)
+        return denoised
+
+    def _rows(self, decision: Decision) -> int:
+        return self.rows_full if decision is Decision.FULL else decision.nfe
+
+    def _capture(self, call: Callable[[], Any]) -> tuple[Any, list[torch.Tensor] | None]:
+        self.capturing, self.captured = True, None
+        try:
+            out = call()
+        finally:
+            self.capturing = False
+        captured, self.captured = self.captured, None
+        return out, captured
+
+    def _full(self, executor, x, timestep, model_options, seed):
+        denoised, captured = self._capture(lambda: executor(x, timestep, model_options, seed))
+        if captured is None or len(captured) != 2:
+            return denoised, None, None
+        return denoised, captured[0], captured[1]
+
+    def _cond(self, executor, x, timestep, model_options, seed):
+        """ComfyUI's own path at CFG scale 1: the conditional rows only, its CFG function and hooks at scale 1."""
+        guider = executor.class_obj
+        options = dict(model_options, disable_cfg1_optimization=False)
+        cfg = guider.cfg
+        guider.cfg = 1.0
+        try:
+            denoised, captured = self._capture(lambda: executor(x, timestep, options, seed))
+        finally:
+            guider.cfg = cfg
+        return denoised, None if captured is None else captured[0], None
+
+    def _linear(self, state, executor, x, timestep, model_options):
+        import comfy.samplers as samplers  # ComfyUI's own conditional evaluation and CFG function
+        guider = executor.class_obj
+        positive, negative = guider.conds.get("positive"), guider.conds.get("negative")
+        out, _ = self._capture(lambda: samplers.calc_cond_batch(guider.inner_model, [positive, None], x, timestep,
+                                                                model_options))
+        cond = out[0]
+        if torch.isfinite(cond).all():
+            uncond = self.oracle.estimate_uncond(state, cond.float()).to(cond.dtype)
+        else:
+            uncond = cond * math.nan
+        denoised = samplers.cfg_function(guider.inner_model, cond, uncond, guider.cfg, x, timestep,
+                                         model_options=model_options, cond=positive, uncond=negative)
+        return denoised, cond, uncond
+
+    # -- the end of the run ---------------------------------------------------------------------------------------
+    def report(self, output: torch.Tensor | None) -> RunReport:
+        notes = []
+        if self.reason:
+            notes.append(f"{self.sampler} {self.reason}; ran unchanged (full CFG)"
+                         if not self.reason.startswith("cfg") else f"{self.reason}; ran unchanged")
+        if self.stopped:
+            notes.append(self.stopped)
+        if self.oracle is not None:
+            notes.extend(f"step {i}: {why}" for i, why in self.oracle.overrides)
+        adapting = self.oracle is not None
+        nfe_full = self.steps * self.rows_full if adapting else self.nfe
+        fp = latent_fingerprint(output) if isinstance(output, torch.Tensor) and not output.is_nested else ()
+        return RunReport(sampler=self.sampler, mode=self.settings.describe() if adapting or self.reason else "off",
+                         steps=self.steps, batch=self.batch, stochastic=self.stochastic, nfe=self.nfe,
+                         nfe_full=nfe_full, schedule="".join(self.schedule), note="; ".join(notes), fingerprint=fp)
+
+
+# -- ComfyUI wrappers (plain functions: all state is in the run they find in transformer_options) -------------------
+def _is_cfg_guider(guider: Any) -> bool:
+    import comfy.samplers as samplers
+    return isinstance(guider, samplers.CFGGuider) and type(guider).predict_noise is samplers.CFGGuider.predict_noise
+
+
+def _copy_options(options: dict) -> dict:
+    """ComfyUI's model_options copy semantics: nested dicts copied, lists copied, other values shared."""
+    return {k: _copy_options(v) if isinstance(v, dict) else v.copy() if isinstance(v, list) else v
+            for k, v in options.items()}
+
+
+def begin_run(settings: ComfySettings, guider: Any, sampler: Any, sigmas: torch.Tensor, batch: int) -> AdaptiveRun:
+    name, stochastic, reason = classify_sampler(sampler)
+    if reason is None and not _is_cfg_guider(guider):
+        reason = f"runs under {type(guider).__name__}, not ComfyUI's CFGGuider"
+        name = f"{name} ({type(guider).__name__})"
+    cfg = float(getattr(guider, "cfg", 1.0))
+    options = getattr(guider, "model_options", None) or {}
+    cfg1 = math.isclose(cfg, 1.0) and not options.get("disable_cfg1_optimization", False)
+    run = AdaptiveRun(settings, name, sigmas, batch, cfg, stochastic, reason, cfg1)
+    if run.reason and settings.mode != "off":
+        log.info("Adaptive Sampling: %s %s; running it unchanged", name, run.reason)
+    return run
+
+
+def outer_sample_wrapper(executor: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """OUTER_SAMPLE: one fresh run per sampling call, reported when it ends."""
+    guider = executor.class_obj
+    patch: AdaptivePatch | None = guider.model_options.get("transformer_options", {}).get(KEY)
+    if patch is None:
+        return executor(*args, **kwargs)
+    names = ("noise", "latent_image", "sampler", "sigmas")
+    noise, _, sampler, sigmas = (args[i] if i < len(args) else kwargs[n] for i, n in enumerate(names))
+    run = begin_run(patch.settings, guider, sampler, sigmas, noise.shape[0])
+    original = guider.model_options
+    guider.model_options = _copy_options(original)
+    guider.model_options.setdefault("transformer_options", {})[RUN_KEY] = run
+    try:
+        output = executor(*args, **kwargs)
+    finally:
+        guider.model_options = original
+    report = run.report(output)
+    patch.reports.append(report)
+    log.info("%s", report.line())
+    return output
+
+
+def predict_noise_wrapper(executor: Any, x: torch.Tensor, timestep: torch.Tensor, model_options: dict | None = None,
+                          seed: Any = None) -> torch.Tensor:
+    """PREDICT_NOISE: the oracle's decision for this call (pass-through outside an adaptive run)."""
+    model_options = {} if model_options is None else model_options
+    run: AdaptiveRun | None = model_options.get("transformer_options", {}).get(RUN_KEY)
+    if run is None:
+        return executor(x, timestep, model_options, seed)
+    return run.predict(executor, x, timestep, model_options, seed)
+
+
+def calc_cond_batch_wrapper(executor: Any, model: Any, conds: list, x_in: torch.Tensor, timestep: torch.Tensor,
+                            model_options: dict) -> list[torch.Tensor]:
+    """CALC_COND_BATCH: observe the conditional / unconditional predictions of a computed step (unchanged)."""
+    out = executor(model, conds, x_in, timestep, model_options)
+    run: AdaptiveRun | None = model_options.get("transformer_options", {}).get(RUN_KEY)
+    if run is not None and run.capturing:
+        run.captured = [o if c is not None else None for o, c in zip(out, conds)] if len(out) == len(conds) else None
+    return out
+
+
+WRAPPERS = (("outer_sample", outer_sample_wrapper), ("predict_noise", predict_noise_wrapper),
+            ("calc_cond_batch", calc_cond_batch_wrapper))
+
+
+def apply_patch(model: Any, settings: ComfySettings) -> Any:
+    """A clone of ComfyUI's ``ModelPatcher`` with the adaptive wrappers (replacing those of an earlier node)."""
+    patched = model.clone()
+    for kind, wrapper in WRAPPERS:
+        patched.remove_wrappers_with_key(kind, KEY)
+        patched.add_wrapper_with_key(kind, KEY, wrapper)
+    patched.model_options.setdefault("transformer_options", {})[KEY] = AdaptivePatch(settings)
+    return patched
+
+
+# -- samplers in the KSampler list ----------------------------------------------------------------------------------
+def make_adaptive_sampler(base: str, k_sampling: Any) -> Callable[..., torch.Tensor]:
+    """``sample_<base>_adaptive``: ComfyUI's own ``sample_<base>`` loop under the recommended oracle (or under the
+    settings of an "Adaptive Sampling" node on the model, whose wrappers then run it)."""
+    base_name = f"sample_{base}"
+
+    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **kwargs):
+        base_fn = getattr(k_sampling, base_name)
+        extra_args = {} if extra_args is None else extra_args
+        options = extra_args.get("model_options", {})
+        if RUN_KEY in options.get("transformer_options", {}):  # an Adaptive Sampling node is already running it
+            return base_fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **kwargs)
+        guider = getattr(model, "inner_model", None)
+        sampler = SimpleNamespace(sampler_function=sample, extra_options=kwargs)
+        run = begin_run(ComfySettings(), guider, sampler, sigmas, x.shape[0])
+        if run.reason:  # not ComfyUI's CFGGuider: the plain loop (begin_run logged why)
+            return base_fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **kwargs)
+        options = _copy_options(options)
+        transformer = options.setdefault("transformer_options", {})
+        transformer[RUN_KEY] = run
+        transformer.setdefault("wrappers", {}).setdefault("calc_cond_batch", {})[KEY] = [calc_cond_batch_wrapper]
+        original = guider.model_options
+        guider.model_options = _copy_options(original)
+        guider.model_options.setdefault("transformer_options", {}).setdefault("wrappers", {}).setdefault(
+            "predict_noise", {})[KEY] = [predict_noise_wrapper]
+        try:
+            out = base_fn(model, x, sigmas, extra_args=dict(extra_args, model_options=options), callback=callback,
+                          disable=disable, **kwargs)
+        finally:
+            guider.model_options = original
+        log.info("%s", run.report(None).line())
+        return out
+
+    sample.__name__ = sample.__qualname__ = f"sample_{base}_adaptive"
+    sample.adaptive_base = base_name
+    return sample
+
+
+def register_samplers(comfy_samplers: Any = None, k_sampling: Any = None) -> list[str]:
+    """Add ``<base>_adaptive`` to ComfyUI's sampler list (KSampler, KSamplerSelect) and ``sample_<name>`` to its
+    k-diffusion module; idempotent (a reload replaces the functions and never duplicates names)."""
+    if comfy_samplers is None:
+        import comfy.samplers as comfy_samplers
+    if k_sampling is None:
+        import comfy.k_diffusion.sampling as k_sampling
+    names = []
+    for base in ADAPTIVE_SAMPLERS:
+        if not hasattr(k_sampling, f"sample_{base}"):
+            continue
+        name = f"{base}_adaptive"
+        setattr(k_sampling, f"sample_{name}", make_adaptive_sampler(base, k_sampling))
+        if name not in comfy_samplers.KSampler.SAMPLERS:
+            comfy_samplers.KSampler.SAMPLERS.append(name)
+        names.append(name)
+    return names
+
+
+# -- nodes ----------------------------------------------------------------------------------------------------------
+class AdaptiveSamplingNode:
+    """MODEL in, MODEL out: every k-diffusion sampler that calls the model once per step runs under an oracle."""
+
+    DESCRIPTION = ("Fewer network evaluations per image with (almost) the same picture: per step, full CFG, "
+                   "conditional only, estimated unconditional, or no model call (a forecast). Works with KSampler "
+                   "and SamplerCustom(Advanced); other samplers run unchanged (logged).")
+    CATEGORY = "sampling/adaptive"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):  # noqa: N802 (ComfyUI's name)
+        d = _DEFAULTS
+        return {"required": {
+            "model": ("MODEL",),
+            "mode": (list(MODES), {"default": d["mode"], "tooltip": "forecast = recommended; off = unchanged"}),
+            "budget": ("FLOAT", {"default": d["budget"], "min": 0.01, "max": 1.0, "step": 0.01,
+                                 "tooltip": "forecast: fraction of full CFG's network evaluations to spend"}),
+            "ag_threshold": ("FLOAT", {"default": d["ag_threshold"], "min": -1.0, "max": 1.0, "step": 0.001,
+                                       "tooltip": "AG modes: switch to conditional-only when cos(cond, uncond) "
+                                                  "reaches this (1 disables)"}),
+            "ag_space": (list(O.PREDICTION_SPACES), {"default": d["ag_space"]}),
+            "ad_threshold": ("FLOAT", {"default": d["ad_threshold"], "min": 0.0, "max": 10.0, "step": 0.001,
+                                       "tooltip": "AdaptiveDiffusion modes: skip threshold (0 disables)"}),
+            "ad_max_skips": ("INT", {"default": d["ad_max_skips"], "min": 1, "max": 1000}),
+            "ad_warmup": ("INT", {"default": d["ad_warmup"], "min": 4, "max": 10000}),
+        }}
+
+    def patch(self, model, **widgets):
+        try:
+            settings = ComfySettings(**widgets)
+        except ValueError as e:
+            raise ValueError(f"Adaptive Sampling: {e}") from None
+        return (apply_patch(model, settings),)
+
+
+class AdaptiveSamplingReport:
+    """The report of the run that produced a latent: NFE used / full CFG's and the decision per step."""
+
+    CATEGORY = "sampling/adaptive"
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("report",)
+    FUNCTION = "report"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):  # noqa: N802
+        return {"required": {"model": ("MODEL",), "latent": ("LATENT",)}}
+
+    def report(self, model, latent):
+        patch = model.model_options.get("transformer_options", {}).get(KEY)
+        if not isinstance(patch, AdaptivePatch):
+            raise ValueError("Adaptive Sampling Report: model has no Adaptive Sampling node before it")
+        found = patch.find(latent["samples"])
+        if found is None:
+            raise ValueError("Adaptive Sampling Report: latent was not produced by a sampler using this model "
+                             "(connect the sampler's LATENT output and the model it sampled with)")
+        text = found.line()
+        return {"ui": {"text": [text]}, "result": (text,)}
+
+
+NODE_CLASS_MAPPINGS = {"AdaptiveSampling": AdaptiveSamplingNode, "AdaptiveSamplingReport": AdaptiveSamplingReport}
+NODE_DISPLAY_NAME_MAPPINGS = {"AdaptiveSampling": "Adaptive Sampling",
+                              "AdaptiveSamplingReport": "Adaptive Sampling Report"}
