@@ -74,7 +74,7 @@ def test_defaults_are_the_recommended_oracle():
 
 
 @pytest.mark.parametrize("widget,value", [
-    ("mode", "fast"), ("budget", math.nan), ("budget", 0.0), ("budget", 1.5), ("ag_threshold", math.nan),
+    ("mode", "fast"), ("budget", math.nan), ("budget", -0.1), ("budget", 1.5), ("ag_threshold", math.nan),
     ("ag_threshold", "high"), ("ag_space", "latent"), ("ad_threshold", -0.1), ("ad_max_skips", 0),
     ("ad_warmup", 2), ("ad_warmup", 4.5),
 ])
@@ -239,7 +239,7 @@ def test_the_report_node_finds_the_run_that_produced_a_latent(model):
                                   model.inner.get_sigmas(steps)))
     node = H.AdaptiveSamplingReport()
     first = node.report(patcher, {"samples": outs[0].clone()})
-    assert first["result"][0].startswith("Adaptive Sampling [forecast budget=0.5] sample_euler: 10 steps")
+    assert first["result"][0].startswith("Adaptive Sampling [forecast budget=auto] sample_euler: 10 steps")
     assert "NFE 10/20" in first["ui"]["text"][0]
     assert "12 steps" in node.report(patcher, {"samples": outs[1]})["result"][0]
     with pytest.raises(ValueError, match="latent"):

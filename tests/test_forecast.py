@@ -93,7 +93,8 @@ def test_default_budget_is_higher_on_dpmpp_sde_samplers_and_says_so():
     sigmas = tuple(float(s) for s in torch.linspace(10, 0.1, 20)) + (0.0,)
     for sampler, stochastic, computed in (("euler", False, 10), ("euler_ancestral", True, 10),
                                           ("dpmpp_2m", False, 10), ("dpmpp_2m_sde", True, 12),
-                                          ("DPM++ 3M SDE", True, 12), ("dpmpp_2m_sde", False, 10)):
+                                          ("DPM++ 3M SDE", True, 12), ("sample_dpmpp_2m_sde", True, 12),
+                                          ("dpmpp_2m_sde", False, 10)):
         oracle = Forecast()
         oracle.reset(O.RunInfo(sampler=sampler, sigmas=sigmas, batch_size=1, stochastic=stochastic))
         assert len(oracle.plan) == computed, sampler

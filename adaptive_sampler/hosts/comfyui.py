@@ -85,7 +85,7 @@ def _defaults() -> dict[str, Any]:
     rec, ad = O.recommended(), O.AdaptiveDiffusion()
     if not isinstance(rec, O.Forecast):  # the "forecast" mode below builds the recommended oracle
         raise RuntimeError(f"recommended() is {type(rec).__name__}; update the ComfyUI host's default mode")
-    return dict(mode="forecast", budget=rec.budget, ag_threshold=O.DEFAULT_AG_THRESHOLDS["x0"], ag_space="x0",
+    return dict(mode="forecast", budget=rec.budget or 0.0, ag_threshold=O.DEFAULT_AG_THRESHOLDS["x0"], ag_space="x0",
                 ad_threshold=ad.threshold, ad_max_skips=ad.max_skips, ad_warmup=ad.warmup)
 
 
@@ -94,7 +94,8 @@ _DEFAULTS = _defaults()
 
 @dataclass(frozen=True)
 class ComfySettings:
-    """The node's widgets, validated at construction: a bad value raises ``ValueError`` naming the widget."""
+    """The node's widgets, validated at construction: a bad value raises ``ValueError`` naming the widget.
+    ``budget`` 0 means Forecast's own default (0.5, and 0.6 on the DPM++ SDE samplers)."""
 
     mode: str = _DEFAULTS["mode"]
     budget: float = _DEFAULTS["budget"]
@@ -112,7 +113,7 @@ class ComfySettings:
             if isinstance(value, int) and not isinstance(value, bool):
                 object.__setattr__(self, name, float(value))
         checks: dict[str, Callable[[], object]] = {  # every widget is checked, whatever the mode
-            "budget": lambda: O.Forecast(budget=self.budget),
+            "budget": lambda: O.Forecast(budget=self.budget or None),
             "ag_space": lambda: O.AdaptiveGuidance(space=self.ag_space) if self.ag_space in O.DEFAULT_AG_THRESHOLDS
             else O.AdaptiveGuidance(0.5, space=self.ag_space),
             "ag_threshold": lambda: O.AdaptiveGuidance(self.ag_threshold, "x0"),
@@ -131,7 +132,7 @@ class ComfySettings:
         ag = lambda: O.AdaptiveGuidance(self.ag_threshold, self.ag_space)  # noqa: E731
         ad = lambda: O.AdaptiveDiffusion(self.ad_threshold, self.ad_max_skips, self.ad_warmup)  # noqa: E731
         return {
-            "forecast": lambda: O.Forecast(budget=self.budget),
+            "forecast": lambda: O.Forecast(budget=self.budget or None),
             "ag": ag,
             "linear-ag": lambda: O.LinearAG(threshold=self.ag_threshold, space=self.ag_space),
             "adaptive-diffusion": ad,
@@ -144,7 +145,8 @@ class ComfySettings:
                 "adaptive-diffusion": ("ad_threshold", "ad_max_skips", "ad_warmup"),
                 "ag+adaptive-diffusion": ("ag_threshold", "ag_space", "ad_threshold", "ad_max_skips", "ad_warmup"),
                 "off": ()}[self.mode]
-        return self.mode + "".join(f" {k}={getattr(self, k)}" for k in used)
+        shown = {**{k: getattr(self, k) for k in used}, **({"budget": "auto"} if self.budget == 0 else {})}
+        return self.mode + "".join(f" {k}={shown[k]}" for k in used)
 
 
 WIDGETS = tuple(f.name for f in fields(ComfySettings))
@@ -523,8 +525,9 @@ class AdaptiveSamplingNode:
         return {"required": {
             "model": ("MODEL",),
             "mode": (list(MODES), {"default": d["mode"], "tooltip": "forecast = recommended; off = unchanged"}),
-            "budget": ("FLOAT", {"default": d["budget"], "min": 0.01, "max": 1.0, "step": 0.01,
-                                 "tooltip": "forecast: fraction of full CFG's network evaluations to spend"}),
+            "budget": ("FLOAT", {"default": d["budget"], "min": 0.0, "max": 1.0, "step": 0.01,
+                                 "tooltip": "forecast: fraction of full CFG's network evaluations to spend; "
+                                            "0 = auto (0.5, 0.6 on the DPM++ SDE samplers)"}),
             "ag_threshold": ("FLOAT", {"default": d["ag_threshold"], "min": -1.0, "max": 1.0, "step": 0.001,
                                        "tooltip": "AG modes: switch to conditional-only when cos(cond, uncond) "
                                                   "reaches this (1 disables)"}),

@@ -29,7 +29,7 @@ from .base import Decision, Oracle, RunInfo, StepRecord, StepState, _check_int, 
 def integrates_in_log_sigma(sampler: str) -> bool:
     """Whether a sampler (k-diffusion / A1111 / ComfyUI name) is a DPM-Solver++ multistep solver (2M, 3M, their SDE
     variants), which steps in log sigma."""
-    name = sampler.lower().replace(" ", "").replace("+", "p")
+    name = sampler.lower().replace(" ", "").replace("+", "p").removeprefix("sample_")
     return name.startswith("dpmpp") and ("2m" in name or "3m" in name)
 
 

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 STEPS = 8
 SAMPLERS = ["euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde"]
-DEFAULT_WIDGETS = dict(mode="forecast", budget=0.5, ag_threshold=0.991, ag_space="x0", ad_threshold=0.01,
+DEFAULT_WIDGETS = dict(mode="forecast", budget=0.0, ag_threshold=0.991, ag_space="x0", ad_threshold=0.01,
                        ad_max_skips=4, ad_warmup=4)
 RESULTS: dict = {}
 
@@ -245,7 +245,7 @@ def test_the_ksampler_list_sampler_equals_the_node_in_its_default_mode(server):
     _, (node,) = generate(server, sampler="dpmpp_2m", widgets=DEFAULT_WIDGETS)
     _, (listed,) = generate(server, sampler="dpmpp_2m_adaptive")
     assert np.array_equal(node, listed)
-    assert "[forecast budget=0.5] sample_dpmpp_2m" in server["log"].read_text()
+    assert "[forecast budget=auto] sample_dpmpp_2m" in server["log"].read_text()
 
 
 def test_a_batch_of_two_equals_two_single_runs(server):
