@@ -156,7 +156,7 @@ def cmd_bench_samplers(args: argparse.Namespace) -> int:
             ["euler_ancestral", "dpmpp_2m"], ["karras"], [10], [7.0], 8)
     pairs = matrix.run_matrix(embedded_target(), args.samplers, args.schedules, args.steps, args.scales, args.images)
     md, js = matrix.write(pairs, Path(args.out))
-    print(matrix.markdown(pairs))
+    print(matrix.summary(pairs))
     print(f"wrote {md}, {js}")
     return 0
 

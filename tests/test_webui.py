@@ -197,3 +197,12 @@ def test_default_forecast_budget_is_automatic():
     assert W.AdaptiveSettings(budget=0.4).build_oracle().budget == 0.4
     with pytest.raises(ValueError, match=r"budget must be a number in \(0, 1\]"):
         W.AdaptiveSettings(budget=-0.1)
+
+
+@pytest.mark.parametrize("name,eta,stochastic", [
+    ("Euler a", 1.0, True), ("Euler a Adaptive", 1.0, True), ("Euler a", 0.0, False), ("DPM++ 2M SDE", 1.0, True),
+    ("DPM++ 2M SDE Adaptive", 0.5, True), ("DPM++ 3M SDE", 1.0, True), ("DDIM", 0.0, False),
+    ("DDIM Adaptive", 0.3, True), ("Euler", 1.0, False), ("DPM++ 2M Adaptive", 1.0, False), ("LMS", None, False),
+    ("Euler a", None, False)])
+def test_runs_are_marked_stochastic_when_the_sampler_adds_noise_at_its_eta(name, eta, stochastic):
+    assert W.is_stochastic(name, eta) is stochastic

@@ -131,10 +131,35 @@ def markdown(pairs: Sequence[Pair]) -> str:
     return "\n".join(out) + "\n"
 
 
+def summary(pairs: Sequence[Pair]) -> str:
+    """Compact tables, one row per sampler and schedule, one column per steps/scale: the default against fewer steps,
+    then against each peer at the peer's NFE ("ours / theirs (NFE ratio)", bold where the default wins)."""
+    out = []
+    columns = sorted({(p.steps, p.scale) for p in pairs})
+    for method in dict.fromkeys(p.method for p in pairs):
+        rows = [p for p in pairs if p.method == method]
+        title = "the default / fewer steps" if method == "default" else f"the default / {method}, at {method}'s NFE"
+        out.append(f"\n**PSNR dB, {title}:**\n")
+        out.append("| sampler | schedule | " + " | ".join(f"{n} steps, scale {c:g}" for n, c in columns) + " | wins |")
+        out.append("|---|---|" + "---:|" * (len(columns) + 1))
+        for key in dict.fromkeys((p.variant, p.schedule) for p in rows):
+            cells, wins = [], 0
+            for n, c in columns:
+                p = next(q for q in rows if (q.variant, q.schedule, q.steps, q.scale) == (*key, n, c))
+                ours, theirs = (p.psnr, p.baseline_psnr) if method == "default" else (p.baseline_psnr, p.psnr)
+                win = ours > theirs
+                wins += win
+                mark = "**" if win else ""
+                cells.append(f"{mark}{_db(ours)}{mark} / {_db(theirs)} ({p.nfe_ratio:.2f})")
+            out.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + f" | {wins}/{len(columns)} |")
+    return "\n".join(out) + "\n"
+
+
 def write(pairs: Sequence[Pair], out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     md, js = out_dir / "samplers.md", out_dir / "samplers.json"
     md.write_text("## Every sampler: the default, fewer steps and the peers at equal NFE\n\n"
-                  "PSNR against the full-CFG image with the same seeds and noise draws.\n\n" + markdown(pairs))
+                  "PSNR against the full-CFG image with the same seeds and noise draws.\n" + summary(pairs)
+                  + "\n## Every cell\n\n" + markdown(pairs))
     js.write_text(json.dumps([asdict(p) for p in pairs], indent=1, default=float) + "\n")
     return md, js
