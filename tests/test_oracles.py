@@ -303,3 +303,12 @@ def test_greedy_skip_path_stays_within_tolerance(denoiser):
     skipped = A.sample_euler(denoiser, x, sigmas, extra_args=args, disable=True, oracle=plan)
     mse = (full - skipped).pow(2).mean().item()
     assert 10 * math.log10(4 / mse) >= 35.0
+
+
+def test_host_modes_build_their_oracles_and_refuse_unknown_modes():
+    kinds = {mode: type(O.mode_oracle(mode, ag_threshold=0.99)).__name__ for mode in O.HOST_MODES}
+    assert kinds == {"forecast": "Forecast", "ag": "AdaptiveGuidance", "linear-ag": "LinearAG",
+                     "adaptive-diffusion": "AdaptiveDiffusion", "ag+adaptive-diffusion": "Compose",
+                     "off": "NoneType"}
+    with pytest.raises(ValueError, match="mode must be one of"):
+        O.mode_oracle("fast")

@@ -128,25 +128,15 @@ class AdaptiveSettings:
         if self.mode not in ("adaptive-diffusion", "ag+adaptive-diffusion"):
             O.AdaptiveDiffusion(self.ad_threshold, self.max_skips, self.warmup)
         if self.mode != "forecast":
-            self._forecast()
+            Forecast(budget=self.budget or None)
 
     def build_oracle(self, steps: int | None = None) -> O.Oracle | None:
         """A fresh oracle for one pass of ``steps`` steps (None for mode "off"): full CFG below ``min_steps``."""
         if self.short_pass_note(steps) is not None:
             return O.FullCFG()
-        ag = lambda: O.AdaptiveGuidance(self.ag_threshold, self.ag_space)  # noqa: E731
-        ad = lambda: O.AdaptiveDiffusion(self.ad_threshold, self.max_skips, self.warmup)  # noqa: E731
-        return {
-            "forecast": self._forecast,
-            "ag": ag,
-            "linear-ag": lambda: O.LinearAG(threshold=self.ag_threshold, space=self.ag_space),
-            "adaptive-diffusion": ad,
-            "ag+adaptive-diffusion": lambda: O.Compose(ag(), ad()),
-            "off": lambda: None,
-        }[self.mode]()
-
-    def _forecast(self) -> Forecast:
-        return Forecast(budget=self.budget or None)
+        return O.mode_oracle(self.mode, budget=self.budget or None, ag_threshold=self.ag_threshold,
+                             ag_space=self.ag_space, ad_threshold=self.ad_threshold, max_skips=self.max_skips,
+                             warmup=self.warmup)
 
     def short_pass_note(self, steps: int | None) -> str | None:
         """Why a pass of ``steps`` steps is not adapted (None when it is, or when the length is unknown)."""

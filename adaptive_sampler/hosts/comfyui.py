@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 KEY = "adaptive_sampler"
 RUN_KEY = "adaptive_sampler_run"
 
-MODES = ("forecast", "ag", "linear-ag", "adaptive-diffusion", "ag+adaptive-diffusion", "off")
+MODES = O.HOST_MODES
 GUIDANCE_MODES = ("ag", "linear-ag", "ag+adaptive-diffusion")  # need ComfyUI's unconditional prediction
 
 #: k-diffusion sampler functions (ComfyUI's ``comfy.k_diffusion.sampling``) that call the model exactly once per
@@ -129,16 +129,9 @@ class ComfySettings:
 
     def build_oracle(self) -> O.Oracle | None:
         """A fresh oracle for one sampling run (None for mode "off")."""
-        ag = lambda: O.AdaptiveGuidance(self.ag_threshold, self.ag_space)  # noqa: E731
-        ad = lambda: O.AdaptiveDiffusion(self.ad_threshold, self.ad_max_skips, self.ad_warmup)  # noqa: E731
-        return {
-            "forecast": lambda: O.Forecast(budget=self.budget or None),
-            "ag": ag,
-            "linear-ag": lambda: O.LinearAG(threshold=self.ag_threshold, space=self.ag_space),
-            "adaptive-diffusion": ad,
-            "ag+adaptive-diffusion": lambda: O.Compose(ag(), ad()),
-            "off": lambda: None,
-        }[self.mode]()
+        return O.mode_oracle(self.mode, budget=self.budget or None, ag_threshold=self.ag_threshold,
+                             ag_space=self.ag_space, ad_threshold=self.ad_threshold, max_skips=self.ad_max_skips,
+                             warmup=self.ad_warmup)
 
     def describe(self) -> str:
         used = {"forecast": ("budget",), "ag": ("ag_threshold", "ag_space"), "linear-ag": ("ag_threshold", "ag_space"),

@@ -20,7 +20,7 @@ __all__ = [
     "Decision", "RunInfo", "StepState", "StepRecord", "RunSummary", "Oracle", "FullCFG", "AdaptiveGuidance",
     "AdaptiveDiffusion", "Compose", "Schedule", "CFGTruncation", "LinearAG", "LinearAGCoefficients", "Forecast",
     "UncondEstimator", "PREDICTION_SPACES", "DEFAULT_AG_THRESHOLDS", "to_space", "per_sample_cosine", "make_oracle",
-    "recommended", "ORACLE_NAMES", "FACTORIES",
+    "recommended", "ORACLE_NAMES", "FACTORIES", "HOST_MODES", "mode_oracle",
 ]
 
 #: Oracle names (as used by the CLI and the A1111 mode strings) and their classes.
@@ -50,3 +50,29 @@ def recommended() -> Oracle:
     """The oracle we recommend by default (also the A1111 default mode): :class:`Forecast` at half of full CFG's
     NFE, which beats running half the steps on every cell of the bench (README, method notes)."""
     return Forecast()
+
+
+#: The modes the WebUI hosts (A1111, ComfyUI) offer, each a recipe over the oracles above.
+HOST_MODES = ("forecast", "ag", "linear-ag", "adaptive-diffusion", "ag+adaptive-diffusion", "off")
+
+
+def mode_oracle(mode: str, *, budget: float | None = None, ag_threshold: float | None = None, ag_space: str = "x0",
+                ad_threshold: float = 0.01, max_skips: int = 4, warmup: int = 4) -> Oracle | None:
+    """A fresh oracle for a host mode (None for ``"off"``); each parameter is checked by the oracle that uses it."""
+    if mode not in HOST_MODES:
+        raise ValueError(f"mode must be one of {', '.join(HOST_MODES)}, got {mode!r}")
+
+    def guidance() -> AdaptiveGuidance:
+        return AdaptiveGuidance(ag_threshold, ag_space)
+
+    def skipping() -> AdaptiveDiffusion:
+        return AdaptiveDiffusion(ad_threshold, max_skips, warmup)
+
+    return {
+        "forecast": lambda: Forecast(budget=budget),
+        "ag": guidance,
+        "linear-ag": lambda: LinearAG(threshold=ag_threshold, space=ag_space),
+        "adaptive-diffusion": skipping,
+        "ag+adaptive-diffusion": lambda: Compose(guidance(), skipping()),
+        "off": lambda: None,
+    }[mode]()
