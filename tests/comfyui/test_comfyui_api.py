@@ -39,6 +39,17 @@ DEFAULT_WIDGETS = dict(mode="forecast", budget=0.0, ag_threshold=0.991, ag_space
 RESULTS: dict = {}
 
 
+
+def link_to_this_repository(link: Path) -> None:
+    """Make ``link`` point at this repository: a link left by an earlier run of another checkout would silently
+    test that checkout's code. A real folder there is not ours to replace."""
+    if link.is_symlink() and link.resolve() != REPO.resolve():
+        link.unlink()
+    if not link.exists():
+        link.symlink_to(REPO, target_is_directory=True)
+    if link.resolve() != REPO.resolve():
+        pytest.fail(f"{link} is not a link to this repository ({REPO}); move it away and rerun")
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -53,8 +64,7 @@ def server():
         pytest.skip("no checkpoint in $COMFYUI_DIR/models/checkpoints")
     ckpt = os.environ.get("COMFYUI_CKPT", checkpoints[0].name)
     link = root / "custom_nodes" / "adaptive-sampler"
-    if not link.exists():
-        link.symlink_to(REPO, target_is_directory=True)
+    link_to_this_repository(link)
     python = os.environ.get("COMFYUI_PYTHON", str(root / "venv" / "bin" / "python"))
     port = _free_port()
     tmp = tempfile.TemporaryDirectory()

@@ -35,6 +35,17 @@ BASE = dict(prompt="a red apple", negative_prompt="blurry", seed=1234, steps=8, 
             override_settings={"adaptive_sampler_min_steps": 1})
 
 
+
+def link_to_this_repository(link: Path) -> None:
+    """Make ``link`` point at this repository: a link left by an earlier run of another checkout would silently
+    test that checkout's code. A real folder there is not ours to replace."""
+    if link.is_symlink() and link.resolve() != REPO.resolve():
+        link.unlink()
+    if not link.exists():
+        link.symlink_to(REPO, target_is_directory=True)
+    if link.resolve() != REPO.resolve():
+        pytest.fail(f"{link} is not a link to this repository ({REPO}); move it away and rerun")
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -48,8 +59,7 @@ def server():
         pytest.skip("no checkpoint in $A1111_DIR/models/Stable-diffusion")
     link = root / "extensions" / "adaptive-sampler"
     link.parent.mkdir(exist_ok=True)
-    if not link.exists():
-        link.symlink_to(REPO, target_is_directory=True)
+    link_to_this_repository(link)
     python = os.environ.get("A1111_PYTHON", str(root / "venv" / "bin" / "python"))
     port = _free_port()
     args = ["--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--skip-version-check",
