@@ -14,7 +14,6 @@ import json
 import math
 import os
 import shlex
-import socket
 import subprocess
 import tempfile
 import time
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from host_suite import free_port, link_to_this_repository
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set: no real ComfyUI to test against")
@@ -50,11 +51,6 @@ def link_to_this_repository(link: Path) -> None:
     if link.resolve() != REPO.resolve():
         pytest.fail(f"{link} is not a link to this repository ({REPO}); move it away and rerun")
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server():
@@ -66,7 +62,7 @@ def server():
     link = root / "custom_nodes" / "adaptive-sampler"
     link_to_this_repository(link)
     python = os.environ.get("COMFYUI_PYTHON", str(root / "venv" / "bin" / "python"))
-    port = _free_port()
+    port = free_port()
     tmp = tempfile.TemporaryDirectory()
     args = ["main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
             "--database-url", f"sqlite:///{tmp.name}/comfyui.db", "--output-directory", f"{tmp.name}/output"]

@@ -12,7 +12,6 @@ import io
 import json
 import os
 import shlex
-import socket
 import subprocess
 import time
 import urllib.error
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from host_suite import free_port, link_to_this_repository
 
 A1111_DIR = os.environ.get("A1111_DIR")
 pytestmark = pytest.mark.skipif(not A1111_DIR, reason="A1111_DIR is not set: no real A1111 to test against")
@@ -46,11 +47,6 @@ def link_to_this_repository(link: Path) -> None:
     if link.resolve() != REPO.resolve():
         pytest.fail(f"{link} is not a link to this repository ({REPO}); move it away and rerun")
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server():
@@ -61,7 +57,7 @@ def server():
     link.parent.mkdir(exist_ok=True)
     link_to_this_repository(link)
     python = os.environ.get("A1111_PYTHON", str(root / "venv" / "bin" / "python"))
-    port = _free_port()
+    port = free_port()
     args = ["--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--skip-version-check",
             "--use-cpu", "all", "--no-half", "--precision", "full", "--no-download-sd-model",
             "--server-name", "127.0.0.1", "--port", str(port), "--api", "--nowebui"]
