@@ -89,16 +89,16 @@ def computed_steps(steps: int, budget: float, warmup: int, sigmas: Sequence[floa
 class Forecast(Oracle):
     """Full CFG on a fixed budget of steps; the other steps are CACHED with a forecast prediction (no network call).
 
-    ``budget`` is the fraction of full CFG's NFE to spend (1 = plain full CFG); ``None`` (the default) spends 0.5,
-    and 0.6 on the DPM++ SDE samplers, whose images fall to about 20 dB against full CFG at 0.5 (README, method
-    notes); the summary's overrides say so. ``warmup`` first steps are always computed. ``space`` is what is extrapolated in sigma: ``"eps"`` (the guided noise prediction; a multistep update
-    along the ODE), ``"x0"`` (the denoised prediction; the sampler forms eps from the current latent, so noise that a
-    stochastic sampler added since the last computed step is kept, not replayed) or ``"auto"``: eps on deterministic
-    runs, x0 on stochastic ones. ``order`` 0 (reuse the last computed value), 1 (linear) or 2 (quadratic); ``None``:
-    2 for eps, 0 for x0. ``placement``
-    of the computed steps: ``"index"`` (evenly in step index), ``"log-sigma"`` (evenly in log sigma; needs the
-    run's sigmas) or ``"auto"``: log sigma for the DPM-Solver++ family, step index otherwise. The ``auto`` choices
-    are measured (README, method notes). The plan is per batch and fixed at the start of the run.
+    ``budget``: the fraction of full CFG's NFE to spend (1 = plain full CFG); ``None`` (the default) spends 0.5, and
+    0.6 on the DPM++ SDE samplers, whose images fall to about 20 dB against full CFG at 0.5 (the summary's overrides
+    say so). ``warmup``: first steps always computed. ``space``: what is extrapolated in sigma - ``"eps"`` (the
+    guided noise prediction: a multistep update along the ODE), ``"x0"`` (the denoised prediction: the sampler forms
+    eps from the current latent, so noise a stochastic sampler added since the last computed step is kept, not
+    replayed) or ``"auto"``: eps on deterministic runs, x0 on stochastic ones. ``order``: 0 (reuse the last computed
+    value), 1 (linear) or 2 (quadratic); ``None``: 2 for eps, 0 for x0. ``placement`` of the computed steps:
+    ``"index"`` (spread in step index), ``"log-sigma"`` (evenly in log sigma; needs the run's sigmas) or ``"auto"``:
+    log sigma for the DPM-Solver++ family, step index otherwise. Every ``auto`` choice was measured (README, method
+    notes). The plan is per batch and fixed at the start of the run.
     """
 
     name = "forecast"
