@@ -36,18 +36,6 @@ BASE = dict(prompt="a red apple", negative_prompt="blurry", seed=1234, steps=8, 
             override_settings={"adaptive_sampler_min_steps": 1})
 
 
-
-def link_to_this_repository(link: Path) -> None:
-    """Make ``link`` point at this repository: a link left by an earlier run of another checkout would silently
-    test that checkout's code. A real folder there is not ours to replace."""
-    if link.is_symlink() and link.resolve() != REPO.resolve():
-        link.unlink()
-    if not link.exists():
-        link.symlink_to(REPO, target_is_directory=True)
-    if link.resolve() != REPO.resolve():
-        pytest.fail(f"{link} is not a link to this repository ({REPO}); move it away and rerun")
-
-
 @pytest.fixture(scope="module")
 def server():
     root = Path(A1111_DIR)
