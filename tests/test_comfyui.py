@@ -34,6 +34,11 @@ def model(denoiser):
     return CountingModel(denoiser)
 
 
+def adapting(**widgets):
+    """Settings that adapt runs of any length: the stand-in runs are shorter than the default ``min_steps``."""
+    return H.ComfySettings(**{"min_steps": 1, **widgets})
+
+
 def run(model, sampler="euler", settings=None, batch=1, seed=0, steps=STEPS, cfg=SCALE, extra=None, guider_cls=None,
         function=None, labels=None):
     """One sampling call through the stand-in; returns (output, patched ModelPatcher or None)."""
@@ -87,8 +92,8 @@ def test_a_bad_widget_fails_with_its_name(widget, value):
 @pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "lms"])
 def test_off_and_never_switching_ag_are_bit_identical_to_the_unpatched_sampler(model, sampler):
     plain, _ = run(model, sampler)
-    off, _ = run(model, sampler, H.ComfySettings(mode="off"))
-    full, patched = run(model, sampler, H.ComfySettings(mode="ag", ag_threshold=1.0))
+    off, _ = run(model, sampler, adapting(mode="off"))
+    full, patched = run(model, sampler, adapting(mode="ag", ag_threshold=1.0))
     assert torch.equal(plain, off) and torch.equal(plain, full)
     report = last_report(patched)
     assert (report.nfe, report.nfe_full, report.schedule) == (2 * STEPS, 2 * STEPS, "F" * STEPS)
@@ -97,7 +102,7 @@ def test_off_and_never_switching_ag_are_bit_identical_to_the_unpatched_sampler(m
 # -- decisions become the same predictions as in the library's engine ----------------------------------------------
 @pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "euler_ancestral", "dpmpp_2m_sde"])
 def test_forecast_equals_the_library_loop_and_nfe_is_counted_at_the_model(model, denoiser, sampler):
-    out, patched = run(model, sampler, H.ComfySettings(), batch=2)
+    out, patched = run(model, sampler, adapting(), batch=2)
     rows = model.rows
     report = last_report(patched)
     assert report.nfe * 2 == rows  # rows per image as the model saw them
@@ -113,7 +118,7 @@ def test_forecast_equals_the_library_loop_and_nfe_is_counted_at_the_model(model,
     ("ag+adaptive-diffusion", lambda: O.Compose(O.AdaptiveGuidance(0.95), O.AdaptiveDiffusion(0.2)), "C"),
 ])
 def test_cond_and_linear_steps_equal_the_library_loop(model, denoiser, mode, oracle, letter):
-    settings = H.ComfySettings(mode=mode, ag_threshold=0.95, ad_threshold=0.2)
+    settings = adapting(mode=mode, ag_threshold=0.95, ad_threshold=0.2)
     out, patched = run(model, "euler", settings, steps=20)
     report = last_report(patched)
     assert letter in report.schedule and report.nfe == model.rows < report.nfe_full
@@ -123,12 +128,12 @@ def test_cond_and_linear_steps_equal_the_library_loop(model, denoiser, mode, ora
 # -- batches and runs are independent ---------------------------------------------------------------------------------
 def test_a_batch_of_two_equals_two_single_runs(model):
     labels = torch.tensor([3, 7])
-    both, patched = run(model, "dpmpp_2m", H.ComfySettings(), batch=2, labels=labels)
+    both, patched = run(model, "dpmpp_2m", adapting(), batch=2, labels=labels)
     schedule = last_report(patched).schedule
     for i in range(2):
         g = torch.Generator().manual_seed(0)
         noise = torch.randn((2, *embedded.IMAGE_SHAPE), generator=g)[i:i + 1]
-        patcher = H.apply_patch(C.ModelPatcher(model), H.ComfySettings())
+        patcher = H.apply_patch(C.ModelPatcher(model), adapting())
         guider = C.CFGGuider(patcher, SCALE, labels[i:i + 1], torch.full_like(labels[i:i + 1], embedded.NULL_LABEL))
         sampling = sys.modules["comfy.k_diffusion.sampling"]
         one = guider.sample(noise, C.KSAMPLER(sampling.sample_dpmpp_2m), model.inner.get_sigmas(STEPS))
@@ -138,7 +143,7 @@ def test_a_batch_of_two_equals_two_single_runs(model):
 
 
 def test_runs_share_no_state(model):
-    settings = H.ComfySettings(mode="ag+adaptive-diffusion", ag_threshold=0.5, ad_threshold=0.2)
+    settings = adapting(mode="ag+adaptive-diffusion", ag_threshold=0.5, ad_threshold=0.2)
     patcher = H.apply_patch(C.ModelPatcher(model), settings)
 
     def go(steps, seed, batch):
@@ -162,7 +167,7 @@ def test_a_multi_call_sampler_runs_unchanged_with_one_log_line(model, caplog):
     plain, _ = run(model, "heun")
     calls = model.calls
     with caplog.at_level(logging.INFO, logger=H.log.name):
-        out, patched = run(model, "heun", H.ComfySettings())
+        out, patched = run(model, "heun", adapting())
     assert torch.equal(out, plain)
     lines = [r.getMessage() for r in caplog.records if "sample_heun" in r.getMessage() and "unchanged" in r.getMessage()]
     assert len(lines) == 2  # the notice when the run starts and the run's report
@@ -172,7 +177,7 @@ def test_a_multi_call_sampler_runs_unchanged_with_one_log_line(model, caplog):
 
 def test_euler_with_churn_is_not_adapted(model):
     plain, _ = run(model, "euler", extra={"s_churn": 1.0})
-    out, patched = run(model, "euler", H.ComfySettings(), extra={"s_churn": 1.0})
+    out, patched = run(model, "euler", adapting(), extra={"s_churn": 1.0})
     assert torch.equal(out, plain) and "s_churn" in last_report(patched).note
 
 
@@ -185,7 +190,7 @@ def test_a_call_off_the_schedule_stops_adaptation_instead_of_miscounting(model, 
         return x
 
     with caplog.at_level(logging.WARNING, logger=H.log.name):
-        out, patched = run(model, settings=H.ComfySettings(), function=sample_euler)
+        out, patched = run(model, settings=adapting(), function=sample_euler)
     report = last_report(patched)
     assert "adaptation stopped at step 3" in report.note and any("stopped" in r.getMessage() for r in caplog.records)
     assert report.schedule[3:] == "F" * (STEPS - 3) and len(report.schedule) == STEPS and torch.isfinite(out).all()
@@ -197,16 +202,16 @@ def test_another_guider_runs_unchanged(model):
             return super().predict_noise(x, timestep, model_options, seed)
 
     plain, _ = run(model, "euler", guider_cls=OtherGuider)
-    out, patched = run(model, "euler", H.ComfySettings(), guider_cls=OtherGuider)
+    out, patched = run(model, "euler", adapting(), guider_cls=OtherGuider)
     assert torch.equal(out, plain) and "OtherGuider" in last_report(patched).note
 
 
 def test_cfg_one_forecasts_on_one_row_and_ag_passes_through(model):
-    out, patched = run(model, "euler", H.ComfySettings(), cfg=1.0)
+    out, patched = run(model, "euler", adapting(), cfg=1.0)
     report = last_report(patched)
     assert report.nfe_full == STEPS and report.nfe == model.rows == STEPS // 2
     plain, _ = run(model, "euler", cfg=1.0)
-    out, patched = run(model, "euler", H.ComfySettings(mode="ag"), cfg=1.0)
+    out, patched = run(model, "euler", adapting(mode="ag"), cfg=1.0)
     assert torch.equal(out, plain) and "cfg is 1" in last_report(patched).note
 
 
@@ -216,19 +221,21 @@ def test_adaptive_samplers_are_registered_once_and_run_the_recommended_oracle(mo
     names = H.register_samplers()
     assert H.register_samplers() == names == [f"{b}_adaptive" for b in H.ADAPTIVE_SAMPLERS]
     assert [n for n in samplers.KSampler.SAMPLERS if n.endswith("_adaptive")] == names
-    forecast, _ = run(model, "euler", H.ComfySettings())
+    steps = H.ComfySettings().min_steps  # the listed samplers use the node's defaults, min_steps included
+    forecast, _ = run(model, "euler", adapting(), steps=steps)
     with caplog.at_level(logging.INFO, logger=H.log.name):
-        listed, _ = run(model, "euler_adaptive")
+        listed, _ = run(model, "euler_adaptive", steps=steps)
     assert torch.equal(listed, forecast)
-    assert any("NFE 10/20" in r.getMessage() and "sample_euler" in r.getMessage() for r in caplog.records)
+    assert any(f"NFE {steps}/{2 * steps}" in r.getMessage() and "sample_euler" in r.getMessage()
+               for r in caplog.records)
     plain, _ = run(model, "euler")
-    off, patched = run(model, "euler_adaptive", H.ComfySettings(mode="off"))  # a node on the model decides
+    off, patched = run(model, "euler_adaptive", adapting(mode="off"))  # a node on the model decides
     assert torch.equal(off, plain) and last_report(patched).nfe == 2 * STEPS
 
 
 # -- the report node ------------------------------------------------------------------------------------------------
 def test_the_report_node_finds_the_run_that_produced_a_latent(model):
-    patcher = H.apply_patch(C.ModelPatcher(model), H.ComfySettings())
+    patcher = H.apply_patch(C.ModelPatcher(model), adapting())
     labels = torch.tensor([1])
     outs = []
     for seed in (0, 1):
@@ -273,3 +280,20 @@ def test_the_documented_workflow_uses_the_nodes_widgets():
     widgets = {k: v for k, v in node["inputs"].items() if k != "model"}
     assert set(widgets) == set(H.WIDGETS) and H.ComfySettings(**widgets) == H.ComfySettings()
     assert {n["class_type"] for n in graph.values()} >= {"KSampler", "AdaptiveSamplingReport"}
+
+
+def test_runs_shorter_than_min_steps_run_unchanged_and_say_so(model, caplog):
+    plain, _ = run(model, "euler")
+    with caplog.at_level(logging.INFO, logger=H.log.name):
+        out, patched = run(model, "euler", H.ComfySettings())  # 10 steps < the default min_steps
+    assert torch.equal(out, plain) and last_report(patched).nfe == 2 * STEPS
+    assert f"below min_steps ({H.ComfySettings().min_steps})" in last_report(patched).note
+    assert any("below min_steps" in r.getMessage() for r in caplog.records)
+    adapted, patched = run(model, "euler", H.ComfySettings(min_steps=STEPS))
+    assert last_report(patched).nfe < 2 * STEPS
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, True])
+def test_a_bad_min_steps_is_refused_naming_it(value):
+    with pytest.raises(ValueError, match="min_steps"):
+        H.ComfySettings(min_steps=value)

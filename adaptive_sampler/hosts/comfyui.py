@@ -95,7 +95,8 @@ _DEFAULTS = _defaults()
 @dataclass(frozen=True)
 class ComfySettings:
     """The node's widgets, validated at construction: a bad value raises ``ValueError`` naming the widget.
-    ``budget`` 0 means Forecast's own default (0.5, and 0.6 on the DPM++ SDE samplers)."""
+    ``budget`` 0 means Forecast's own default (0.5, and 0.6 on the DPM++ SDE samplers); runs shorter than
+    ``min_steps`` are not adapted (full CFG, logged), as on A1111."""
 
     mode: str = _DEFAULTS["mode"]
     budget: float = _DEFAULTS["budget"]
@@ -104,6 +105,7 @@ class ComfySettings:
     ad_threshold: float = _DEFAULTS["ad_threshold"]
     ad_max_skips: int = _DEFAULTS["ad_max_skips"]
     ad_warmup: int = _DEFAULTS["ad_warmup"]
+    min_steps: int = O.SHORT_PASS_MIN_STEPS
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -112,6 +114,9 @@ class ComfySettings:
             value = getattr(self, name)
             if isinstance(value, int) and not isinstance(value, bool):
                 object.__setattr__(self, name, float(value))
+        if isinstance(self.min_steps, bool) or not isinstance(self.min_steps, int) or self.min_steps < 1:
+            raise ValueError("min_steps: must be an integer >= 1 (runs with fewer steps run unchanged; 1 adapts "
+                             f"every run), got {self.min_steps!r}")
         checks: dict[str, Callable[[], object]] = {  # every widget is checked, whatever the mode
             "budget": lambda: O.Forecast(budget=self.budget or None),
             "ag_space": lambda: O.AdaptiveGuidance(space=self.ag_space) if self.ag_space in O.DEFAULT_AG_THRESHOLDS
@@ -227,6 +232,8 @@ class AdaptiveRun:
         self.cfg1 = cfg1
         if reason is None and cfg1 and settings.mode in GUIDANCE_MODES:
             reason = "cfg is 1: ComfyUI evaluates no unconditional prediction, so there is no guidance to adapt"
+        if reason is None and settings.mode != "off" and self.steps < settings.min_steps:
+            reason = f"is a {self.steps}-step run, below min_steps ({settings.min_steps})"
         self.reason = reason
         self.oracle = settings.build_oracle() if reason is None and self.steps >= 1 else None
         self.stopped: str | None = None
@@ -529,6 +536,9 @@ class AdaptiveSamplingNode:
                                        "tooltip": "AdaptiveDiffusion modes: skip threshold (0 disables)"}),
             "ad_max_skips": ("INT", {"default": d["ad_max_skips"], "min": 1, "max": 1000}),
             "ad_warmup": ("INT", {"default": d["ad_warmup"], "min": 4, "max": 10000}),
+            "min_steps": ("INT", {"default": O.SHORT_PASS_MIN_STEPS, "min": 1, "max": 10000,
+                                  "tooltip": "adapt only runs of at least this many steps; shorter ones (img2img, "
+                                             "hires and detailer passes) run unchanged; 1 adapts every run"}),
         }}
 
     def patch(self, model, **widgets):

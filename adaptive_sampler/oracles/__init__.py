@@ -20,7 +20,7 @@ __all__ = [
     "Decision", "RunInfo", "StepState", "StepRecord", "RunSummary", "Oracle", "FullCFG", "AdaptiveGuidance",
     "AdaptiveDiffusion", "Compose", "Schedule", "CFGTruncation", "LinearAG", "LinearAGCoefficients", "Forecast",
     "UncondEstimator", "PREDICTION_SPACES", "DEFAULT_AG_THRESHOLDS", "to_space", "per_sample_cosine", "make_oracle",
-    "recommended", "ORACLE_NAMES", "FACTORIES", "HOST_MODES", "mode_oracle",
+    "recommended", "ORACLE_NAMES", "FACTORIES", "HOST_MODES", "mode_oracle", "SHORT_PASS_MIN_STEPS",
 ]
 
 #: Oracle names (as used by the CLI and the A1111 mode strings) and their classes.
@@ -51,6 +51,10 @@ def recommended() -> Oracle:
     NFE, which beats running half the steps on every cell of the bench (README, method notes)."""
     return Forecast()
 
+
+#: Hosts adapt only passes of at least this many steps; shorter ones run full CFG. Measured by
+#: ``python -m adaptive_sampler.lab.short_passes``: below 12 steps the default loses to plain fewer steps (README).
+SHORT_PASS_MIN_STEPS = 12
 
 #: The modes the WebUI hosts (A1111, ComfyUI) offer, each a recipe over the oracles above.
 HOST_MODES = ("forecast", "ag", "linear-ag", "adaptive-diffusion", "ag+adaptive-diffusion", "off")

@@ -35,8 +35,9 @@ REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 STEPS = 8
 SAMPLERS = ["euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde"]
-DEFAULT_WIDGETS = dict(mode="forecast", budget=0.0, ag_threshold=0.991, ag_space="x0", ad_threshold=0.01,
-                       ad_max_skips=4, ad_warmup=4)
+NODE_DEFAULTS = dict(mode="forecast", budget=0.0, ag_threshold=0.991, ag_space="x0", ad_threshold=0.01,
+                     ad_max_skips=4, ad_warmup=4, min_steps=12)
+DEFAULT_WIDGETS = {**NODE_DEFAULTS, "min_steps": 1}  # the defaults, adapting these short (8-step) runs
 RESULTS: dict = {}
 
 
@@ -195,7 +196,7 @@ def test_the_node_and_samplers_load(server):
     info = json.loads(raw)
     assert {"AdaptiveSampling", "AdaptiveSamplingReport"} <= set(info)
     required = info["AdaptiveSampling"]["input"]["required"]
-    assert {k: required[k][1]["default"] for k in DEFAULT_WIDGETS} == DEFAULT_WIDGETS
+    assert {k: required[k][1]["default"] for k in NODE_DEFAULTS} == NODE_DEFAULTS
     listed = info["KSampler"]["input"]["required"]["sampler_name"][0]
     assert {"euler_adaptive", "dpmpp_2m_adaptive", "dpmpp_2m_sde_adaptive"} <= set(listed)
     assert "IMPORT FAILED" not in server["log"].read_text()
@@ -236,8 +237,9 @@ def test_the_default_mode_saves_nfe_and_stays_close_to_full_cfg(server, sampler)
 
 
 def test_the_ksampler_list_sampler_equals_the_node_in_its_default_mode(server):
-    _, (node,) = generate(server, sampler="dpmpp_2m", widgets=DEFAULT_WIDGETS)
-    _, (listed,) = generate(server, sampler="dpmpp_2m_adaptive")
+    steps = 12  # the listed samplers use the node's defaults, whose min_steps is 12
+    _, (node,) = generate(server, sampler="dpmpp_2m", widgets=DEFAULT_WIDGETS, steps=steps)
+    _, (listed,) = generate(server, sampler="dpmpp_2m_adaptive", steps=steps)
     assert np.array_equal(node, listed)
     assert "[forecast budget=auto] sample_dpmpp_2m" in server["log"].read_text()
 
@@ -267,8 +269,17 @@ def test_an_unsupported_sampler_runs_unchanged_with_its_log_line(server):
     assert used == total == 2 * (2 * 4 - 1)  # heun: two calls per step but the last, counted, not adapted
 
 
+def test_a_run_shorter_than_min_steps_runs_unchanged_with_its_log_line(server):
+    _, (plain,) = generate(server, sampler="euler")
+    entry, (short,) = generate(server, sampler="euler", widgets={**DEFAULT_WIDGETS, "min_steps": 12})
+    assert np.array_equal(plain, short)
+    assert nfe(report(entry)) == (2 * STEPS, 2 * STEPS)
+    assert "below min_steps (12)" in server["log"].read_text()
+
+
 @pytest.mark.parametrize("widget,value,expect", [
     ("mode", "fastest", "mode"),
+    ("min_steps", 0, "min_steps"),
     ("budget", 1.5, "budget"),
     ("budget", float("nan"), "Adaptive Sampling: budget"),
 ])
