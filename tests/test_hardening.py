@@ -225,36 +225,6 @@ def test_a_schedule_that_does_not_end_at_zero_works_in_every_mode(denoiser, samp
 
 
 # -- the A1111 host: stand-ins of A1111's CFGDenoiser variants ----------------------------------------------------
-class HostCFGDenoiser(StandInCFGDenoiser):
-    """A1111's CFGDenoiser with two of its variants. ``chunk`` rows per inner-model call: "Batch cond/uncond" off
-    evaluates one batch-sized chunk at a time. With ``s_min_uncond`` > 0 ("Negative Guidance minimum sigma"), odd
-    steps below it drop the unconditional rows, put each image's first conditional row in their place and combine
-    at scale 1, as A1111 does."""
-
-    model = None
-    chunk = None
-
-    def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
-        rows, conds_list = [], []
-        for per_image in cond.batch:
-            conds_list.append([(len(rows) + j, c.weight) for j, c in enumerate(per_image)])
-            rows += [current(c.schedules, self.step) for c in per_image]
-        u = torch.stack([current(per_image, self.step) for per_image in uncond])
-        repeats = [len(per_image) for per_image in cond.batch]
-        skip = self.step % 2 == 1 and s_min_uncond > 0 and float(sigma[0]) < s_min_uncond
-        x_in = torch.cat([x[i:i + 1].expand(n, *x.shape[1:]) for i, n in enumerate(repeats)] + ([] if skip else [x]))
-        sigma_in = torch.cat([sigma[i:i + 1].expand(n) for i, n in enumerate(repeats)] + ([] if skip else [sigma]))
-        cond_in = torch.stack(rows) if skip else torch.cat([torch.stack(rows), u])
-        size = self.chunk or x_in.shape[0]
-        x_out = torch.cat([self.inner_model(x_in[a:a + size], sigma_in[a:a + size], cond=cond_in[a:a + size])
-                           for a in range(0, x_in.shape[0], size)])
-        if skip:
-            x_out = torch.cat([x_out, x_out[[c[0][0] for c in conds_list]]])
-        denoised = self.combine_denoised(x_out, conds_list, u, 1.0 if skip else cond_scale)
-        self.step += 1
-        return denoised
-
-
 def host_conds(prompts):
     """A1111-shaped conditioning: per image, a list of (label, weight) AND sub-prompts."""
     batch = [[SimpleNamespace(schedules=[Entry(end_at_step=10 ** 6, cond=torch.tensor(label))], weight=weight)
@@ -266,7 +236,7 @@ def host_conds(prompts):
 def host_run(model, settings, sigmas, prompts, scale=3.0, s_min_uncond=0.0, chunk=None, sampler=K.sampling.sample_euler,
              p=None):
     """One pass through the adaptive denoiser (``settings`` None: A1111's stock denoiser); returns (image, denoiser)."""
-    stand_in = type("Host", (HostCFGDenoiser,), dict(model=model, chunk=chunk))
+    stand_in = type("Host", (StandInCFGDenoiser,), dict(model=model, chunk=chunk))
     if settings is None:
         denoiser = stand_in(None)
     else:

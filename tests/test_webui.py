@@ -94,9 +94,13 @@ def current(schedules, step):
 
 class StandInCFGDenoiser(torch.nn.Module):
     """A1111's CFGDenoiser row layout and arithmetic: cond rows per image, then one uncond row per image, one
-    inner-model call, ``uncond + sum_j w_j * scale * (cond_j - uncond)``, ``step += 1``."""
+    inner-model call, ``uncond + sum_j w_j * scale * (cond_j - uncond)``, ``step += 1``. Two of its variants:
+    ``chunk`` rows per inner-model call ("Batch cond/uncond" off evaluates one batch-sized chunk at a time), and with
+    ``s_min_uncond`` > 0 ("Negative Guidance minimum sigma") odd steps below it drop the unconditional rows, put
+    each image's first conditional row in their place and combine at scale 1, as A1111 does."""
 
     model = None
+    chunk = None
 
     def __init__(self, sampler):
         super().__init__()
@@ -122,10 +126,16 @@ class StandInCFGDenoiser(torch.nn.Module):
             rows += [current(c.schedules, self.step) for c in per_image]
         u = torch.stack([current(per_image, self.step) for per_image in uncond])
         repeats = [len(per_image) for per_image in cond.batch]
-        x_in = torch.cat([x[i:i + 1].expand(n, *x.shape[1:]) for i, n in enumerate(repeats)] + [x])
-        sigma_in = torch.cat([sigma[i:i + 1].expand(n) for i, n in enumerate(repeats)] + [sigma])
-        x_out = self.inner_model(x_in, sigma_in, cond=torch.cat([torch.stack(rows), u]))
-        denoised = self.combine_denoised(x_out, conds_list, u, cond_scale)
+        skip = self.step % 2 == 1 and s_min_uncond > 0 and float(sigma[0]) < s_min_uncond
+        x_in = torch.cat([x[i:i + 1].expand(n, *x.shape[1:]) for i, n in enumerate(repeats)] + ([] if skip else [x]))
+        sigma_in = torch.cat([sigma[i:i + 1].expand(n) for i, n in enumerate(repeats)] + ([] if skip else [sigma]))
+        cond_in = torch.stack(rows) if skip else torch.cat([torch.stack(rows), u])
+        size = self.chunk or x_in.shape[0]
+        x_out = torch.cat([self.inner_model(x_in[a:a + size], sigma_in[a:a + size], cond=cond_in[a:a + size])
+                           for a in range(0, x_in.shape[0], size)])
+        if skip:
+            x_out = torch.cat([x_out, x_out[[c[0][0] for c in conds_list]]])
+        denoised = self.combine_denoised(x_out, conds_list, u, 1.0 if skip else cond_scale)
         self.step += 1
         return denoised
 
