@@ -137,9 +137,10 @@ class Forecast(Oracle):
                 f"placement={self.placement!r})")
 
     def _begin(self, run: RunInfo) -> None:
+        dpm_solver = integrates_in_log_sigma(run.sampler)
         placement = self.placement
         if placement == "auto":
-            placement = "log-sigma" if integrates_in_log_sigma(run.sampler) else "index"
+            placement = "log-sigma" if dpm_solver else "index"
         if placement == "log-sigma" and not (run.sigmas and all(s > 0 for s in run.sigmas[:run.steps])):
             if self.placement == "log-sigma":
                 raise ValueError("placement 'log-sigma' needs the run's sigmas (positive up to the last step)")
@@ -148,7 +149,7 @@ class Forecast(Oracle):
         budget = self.budget
         if budget is None:
             budget = self.DEFAULT_BUDGET
-            if run.stochastic and integrates_in_log_sigma(run.sampler):
+            if run.stochastic and dpm_solver:
                 budget = self.SDE_BUDGET
                 self.overrides.append((0, f"default budget {self.SDE_BUDGET} on {run.sampler} (a DPM++ SDE sampler "
                                           f"falls to about 20 dB at {self.DEFAULT_BUDGET})"))
