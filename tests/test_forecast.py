@@ -39,14 +39,16 @@ def test_a_run_too_short_for_the_budget_computes_warmup_and_last_step_and_says_s
 
 @pytest.mark.parametrize("sampler", MAIN_SAMPLERS)
 @pytest.mark.parametrize("steps", [20, 50])
-def test_forecast_spends_half_the_nfe_and_beats_fewer_steps(denoiser, sampler, steps):
-    """The recommended oracle at 50% NFE is closer to full CFG than full CFG with half the steps."""
+def test_forecast_spends_its_level_budget_and_beats_fewer_steps(denoiser, sampler, steps):
+    """The recommended oracle at its default level's NFE is closer to full CFG than full CFG with as many steps as
+    it computes."""
     model = CountingModel(denoiser)
     full = run(denoiser, sampler, O.FullCFG(), steps=steps)
     oracle = O.recommended()
     ours = run(denoiser, sampler, oracle, steps=steps, model=model)
-    fewer = run(denoiser, sampler, O.FullCFG(), steps=steps // 2)
-    assert model.rows == oracle.summary().nfe * 8 == steps * 8
+    computed = int(O.LEVELS[O.DEFAULT_LEVEL][0] * steps + 1e-9)
+    fewer = run(denoiser, sampler, O.FullCFG(), steps=computed)
+    assert model.rows == oracle.summary().nfe * 8 == 2 * computed * 8
     assert (ours - full).pow(2).mean() < (fewer - full).pow(2).mean()
 
 
@@ -89,19 +91,30 @@ def test_auto_space_is_eps_on_deterministic_and_x0_on_stochastic_runs(stochastic
     assert oracle._history.maxlen == (1 if space == "x0" else 3)  # x0 reused, eps extrapolated by a quadratic
 
 
-def test_default_budget_is_higher_on_dpmpp_sde_samplers_and_says_so():
+@pytest.mark.parametrize("level", list(O.LEVELS))
+def test_a_level_spends_more_on_stochastic_samplers_and_more_again_on_dpmpp_sde_and_says_so(level):
+    deterministic, stochastic_budget, sde = O.LEVELS[level]
+    assert deterministic < stochastic_budget < sde
     sigmas = tuple(float(s) for s in torch.linspace(10, 0.1, 20)) + (0.0,)
-    for sampler, stochastic, computed in (("euler", False, 10), ("euler_ancestral", True, 10),
-                                          ("dpmpp_2m", False, 10), ("dpmpp_2m_sde", True, 12),
-                                          ("DPM++ 3M SDE", True, 12), ("sample_dpmpp_2m_sde", True, 12),
-                                          ("dpmpp_2m_sde", False, 10)):
-        oracle = Forecast()
+    for sampler, stochastic, budget in (("euler", False, deterministic), ("euler_ancestral", True, stochastic_budget),
+                                        ("dpmpp_2m", False, deterministic), ("dpmpp_2m_sde", True, sde),
+                                        ("DPM++ 3M SDE", True, sde), ("sample_dpmpp_2m_sde", True, sde),
+                                        ("dpmpp_2m_sde", False, deterministic)):
+        oracle = Forecast(level=level)
         oracle.reset(O.RunInfo(sampler=sampler, sigmas=sigmas, batch_size=1, stochastic=stochastic))
-        assert len(oracle.plan) == computed, sampler
-        assert any("0.6" in why for _, why in oracle.overrides) == (computed == 12)
-    explicit = Forecast(budget=0.5)
+        assert len(oracle.plan) == int(budget * 20 + 1e-9), sampler
+        notes = [why for _, why in oracle.overrides]
+        assert (notes == [f"level {level!r} spends {budget} of full CFG's NFE on {sampler} "
+                          f"({'a DPM++ SDE sampler' if budget == sde else 'a stochastic sampler'}; {deterministic} on "
+                          "deterministic ones)"]) if stochastic else not notes
+    explicit = Forecast(budget=0.5, level=level)
     explicit.reset(O.RunInfo(sampler="dpmpp_2m_sde", sigmas=sigmas, batch_size=1, stochastic=True))
     assert len(explicit.plan) == 10 and not explicit.overrides
+
+
+def test_a_bad_level_is_refused():
+    with pytest.raises(ValueError, match="level must be one of quality, balanced, fast, got 'max'"):
+        Forecast(level="max")
 
 
 def test_log_sigma_placement_spreads_computed_steps_evenly_in_log_sigma():
@@ -113,3 +126,25 @@ def test_log_sigma_placement_spreads_computed_steps_evenly_in_log_sigma():
     skewed = [14.6 * math.exp(-0.02 * k * k) for k in range(20)] + [0.0]  # log sigma moves fast late
     late = computed_steps(20, 0.5, 2, skewed)
     assert len(late) == 10 and sum(1 for j in late if j >= 10) > sum(1 for j in computed_steps(20, 0.5, 2) if j >= 10)
+
+
+def test_rho_placement_is_even_on_a_karras_schedule_and_computes_more_late_steps_on_a_uniform_one():
+    import k_diffusion as K
+    karras = [float(s) for s in K.sampling.get_sigmas_karras(20, 0.03, 14.6)]
+    plan = sorted(computed_steps(20, 0.5, 2, karras, placement="rho"))
+    gaps = [b - a for a, b in zip(plan[1:], plan[2:])]
+    assert len(plan) == 10 and max(gaps) - min(gaps) <= 1  # Karras spaces sigma ** (1 / 7) evenly
+    uniform = [float(s) for s in torch.linspace(14.6, 0.03, 20)] + [0.0]  # long relative steps at the end
+    late = computed_steps(20, 0.5, 2, uniform, placement="rho")
+    assert len(late) == 10 and sum(1 for j in late if j >= 15) > sum(1 for j in computed_steps(20, 0.5, 2) if j >= 15)
+
+
+@pytest.mark.parametrize("stochastic,sampler,placement", [(False, "euler", "rho"), (False, "dpmpp_2m", "rho"),
+                                                          (True, "euler_ancestral", "index"),
+                                                          (True, "dpmpp_2m_sde", "log-sigma")])
+def test_auto_placement(stochastic, sampler, placement):
+    import k_diffusion as K
+    sigmas = tuple(float(s) for s in K.sampling.get_sigmas_karras(20, 0.03, 14.6))
+    oracle = Forecast(budget=0.4)
+    oracle.reset(O.RunInfo(sampler=sampler, sigmas=sigmas, batch_size=1, stochastic=stochastic))
+    assert oracle.plan == computed_steps(20, 0.4, 2, () if placement == "index" else sigmas, placement)

@@ -10,9 +10,15 @@ Stochastic samplers (Euler a, DPM++ SDE, DDIM with eta > 0) add fresh noise afte
 the sampler forms eps from the current latent and draws its own noise.
 
 :class:`Forecast` spends ``budget`` of full CFG's NFE: it computes (full CFG) the first ``warmup`` steps, the last
-step (on samplers that end at sigma = 0 its prediction *is* the output) and steps spread evenly in between - evenly
-in step index for samplers that integrate in sigma (Euler, Euler a, DDIM, LMS), evenly in log sigma for the
-DPM-Solver++ family, which integrates in log sigma. See the README's method notes for the measurements.
+step (on samplers that end at sigma = 0 its prediction *is* the output) and steps spread evenly in between. On
+deterministic runs "evenly" is in ``sigma ** (1 / 7)``, the variable in which Karras et al.'s schedule spaces its
+steps to spread the discretisation error: a forecast's error grows with the same step sizes, so a model's own
+schedule (uniform in timestep, with long last steps) gets more of its late steps computed and a Karras schedule gets
+an even spread. On stochastic runs, where skipped steps reuse x0, the spread is in step index (in log sigma for the
+DPM-Solver++ family, which steps in log sigma). See the README's method notes for the measurements.
+
+One knob, ``level``, sets the budget for the sampler at hand (:data:`LEVELS`): stochastic samplers need more computed
+steps than deterministic ones for the same fidelity, and the DPM++ SDE samplers more again.
 """
 
 from __future__ import annotations
@@ -56,9 +62,31 @@ def from_space(space: str, value: torch.Tensor, x: torch.Tensor, sigma: float) -
     return value if space == "x0" else x - sigma * value
 
 
-def computed_steps(steps: int, budget: float, warmup: int, sigmas: Sequence[float] = ()) -> frozenset[int]:
+#: The quality levels of the one knob: level -> NFE budget (fraction of full CFG's) on deterministic samplers, on
+#: the other stochastic samplers (Euler a, DDIM eta > 0, ...) and on the DPM++ SDE samplers. Measured by
+#: ``python -m adaptive_sampler bench-samplers`` (README, "One knob").
+LEVELS: dict[str, tuple[float, float, float]] = {
+    "quality": (0.5, 0.6, 0.7),
+    "balanced": (0.4, 0.5, 0.6),
+    "fast": (0.3, 0.4, 0.5),
+}
+DEFAULT_LEVEL = "balanced"
+
+#: Where the computed steps are spread: in step index, or evenly in a function of sigma.
+PLACEMENT_SCALES = {"log-sigma": lambda s: -math.log(s), "rho": lambda s: -s ** (1 / 7)}
+
+
+def level_budget(level: str, stochastic: bool, dpm_solver: bool) -> float:
+    """The budget a quality level spends on a sampler (see :data:`LEVELS`)."""
+    deterministic, other, sde = LEVELS[level]
+    return (sde if dpm_solver else other) if stochastic else deterministic
+
+
+def computed_steps(steps: int, budget: float, warmup: int, sigmas: Sequence[float] = (),
+                   placement: str = "log-sigma") -> frozenset[int]:
     """The steps a budget computes: warm-up, the last step, and the rest spread over the middle steps - evenly in
-    step index, or, when ``sigmas`` (the run's schedule) is given, evenly in log sigma. In step index the minority is
+    step index, or, when ``sigmas`` (the run's schedule) is given, evenly in log sigma (``placement="log-sigma"``)
+    or in ``sigma ** (1 / 7)`` (``placement="rho"``). In step index the minority is
     spread: the computed steps when the budget is at most half of them, the skipped steps above that (measured: at
     63-70% this keeps every skipped step between two computed ones and gains 1-10 dB over spreading the computed
     steps, README method notes).
@@ -72,7 +100,8 @@ def computed_steps(steps: int, budget: float, warmup: int, sigmas: Sequence[floa
     middle = list(range(warmup, steps - 1))
     extra = total - warmup - 1
     if sigmas:
-        lam = [-math.log(s) for s in sigmas[:steps]]
+        scale = PLACEMENT_SCALES[placement]
+        lam = [scale(s) for s in sigmas[:steps]]
         lo, hi = lam[warmup - 1], lam[steps - 1]
         position = {j: (lam[j] - lo) / (hi - lo) for j in middle}
         chosen: set[int] = set()
@@ -89,28 +118,30 @@ def computed_steps(steps: int, budget: float, warmup: int, sigmas: Sequence[floa
 class Forecast(Oracle):
     """Full CFG on a fixed budget of steps; the other steps are CACHED with a forecast prediction (no network call).
 
-    ``budget``: the fraction of full CFG's NFE to spend (1 = plain full CFG); ``None`` (the default) spends 0.5, and
-    0.6 on the DPM++ SDE samplers, whose images fall to about 20 dB against full CFG at 0.5 (the summary's overrides
-    say so). ``warmup``: first steps always computed. ``space``: what is extrapolated in sigma - ``"eps"`` (the
-    guided noise prediction: a multistep update along the ODE), ``"x0"`` (the denoised prediction: the sampler forms
-    eps from the current latent, so noise a stochastic sampler added since the last computed step is kept, not
-    replayed) or ``"auto"``: eps on deterministic runs, x0 on stochastic ones. ``order``: 0 (reuse the last computed
-    value), 1 (linear) or 2 (quadratic); ``None``: 2 for eps, 0 for x0. ``placement`` of the computed steps:
-    ``"index"`` (spread in step index), ``"log-sigma"`` (evenly in log sigma; needs the run's sigmas) or ``"auto"``:
-    log sigma for the DPM-Solver++ family, step index otherwise. Every ``auto`` choice was measured (README, method
-    notes). The plan is per batch and fixed at the start of the run.
+    ``level``: the one knob - ``"quality"``, ``"balanced"`` (the default) or ``"fast"``; it sets the budget for the
+    sampler of the run (:data:`LEVELS`; the summary's overrides name the budget used on stochastic samplers).
+    ``budget``: an explicit fraction of full CFG's NFE to spend instead (1 = plain full CFG), for experts and the
+    bench. ``warmup``: first steps always computed. ``space``: what is extrapolated in sigma - ``"eps"`` (the guided
+    noise prediction: a multistep update along the ODE), ``"x0"`` (the denoised prediction: the sampler forms eps from
+    the current latent, so noise a stochastic sampler added since the last computed step is kept, not replayed) or
+    ``"auto"``: eps on deterministic runs, x0 on stochastic ones. ``order``: 0 (reuse the last computed value), 1
+    (linear) or 2 (quadratic); ``None``: 2 for eps, 0 for x0. ``placement`` of the computed steps: ``"index"``
+    (spread in step index), ``"log-sigma"`` or ``"rho"`` (evenly in log sigma or in ``sigma ** (1 / 7)``; both need
+    the run's sigmas) or ``"auto"``: rho on deterministic runs; on stochastic ones log sigma for the DPM-Solver++
+    family, step index otherwise. Every ``auto`` choice was measured (README, method notes). The plan depends only
+    on the run's sampler, schedule and steps, never on the images: an image is the same whatever batch it is in.
     """
 
     name = "forecast"
     SPACES = ("auto", "eps", "x0")
-    PLACEMENTS = ("auto", "index", "log-sigma")
-
-    DEFAULT_BUDGET = 0.5
-    SDE_BUDGET = 0.6
+    PLACEMENTS = ("auto", "index", "log-sigma", "rho")
 
     def __init__(self, budget: float | None = None, order: int | None = None, warmup: int = 2, space: str = "auto",
-                 placement: str = "auto") -> None:
+                 placement: str = "auto", level: str = DEFAULT_LEVEL) -> None:
         super().__init__()
+        if level not in LEVELS:
+            raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
+        self.level = level
         if budget is not None:
             budget = _check_real("budget", budget, 0.0, 1.0, "a number in (0, 1] (fraction of full CFG's NFE)")
             if budget == 0.0:
@@ -133,27 +164,27 @@ class Forecast(Oracle):
         self._forecast: torch.Tensor | None = None
 
     def __repr__(self) -> str:
-        return (f"Forecast(budget={self.budget}, order={self.order}, warmup={self.warmup}, space={self.space!r}, "
-                f"placement={self.placement!r})")
+        return (f"Forecast(level={self.level!r}, budget={self.budget}, order={self.order}, warmup={self.warmup}, "
+                f"space={self.space!r}, placement={self.placement!r})")
 
     def _begin(self, run: RunInfo) -> None:
         dpm_solver = integrates_in_log_sigma(run.sampler)
         placement = self.placement
         if placement == "auto":
-            placement = "log-sigma" if dpm_solver else "index"
-        if placement == "log-sigma" and not (run.sigmas and all(s > 0 for s in run.sigmas[:run.steps])):
-            if self.placement == "log-sigma":
-                raise ValueError("placement 'log-sigma' needs the run's sigmas (positive up to the last step)")
+            placement = "index" if run.stochastic and not dpm_solver else "log-sigma" if run.stochastic else "rho"
+        if placement != "index" and not (run.sigmas and all(s > 0 for s in run.sigmas[:run.steps])):
+            if self.placement != "auto":
+                raise ValueError(f"placement {placement!r} needs the run's sigmas (positive up to the last step)")
             placement = "index"
-        sigmas = run.sigmas if placement == "log-sigma" else ()
+        sigmas = run.sigmas if placement != "index" else ()
         budget = self.budget
         if budget is None:
-            budget = self.DEFAULT_BUDGET
-            if run.stochastic and dpm_solver:
-                budget = self.SDE_BUDGET
-                self.overrides.append((0, f"default budget {self.SDE_BUDGET} on {run.sampler} (a DPM++ SDE sampler "
-                                          f"falls to about 20 dB at {self.DEFAULT_BUDGET})"))
-        self.plan = computed_steps(run.steps, budget, self.warmup, sigmas)
+            budget = level_budget(self.level, run.stochastic, dpm_solver)
+            if run.stochastic:
+                kind = "a DPM++ SDE sampler" if dpm_solver else "a stochastic sampler"
+                self.overrides.append((0, f"level {self.level!r} spends {budget} of full CFG's NFE on {run.sampler} "
+                                          f"({kind}; {level_budget(self.level, False, False)} on deterministic ones)"))
+        self.plan = computed_steps(run.steps, budget, self.warmup, sigmas, placement)
         if len(self.plan) > budget * run.steps + 1e-9:
             self.overrides.append((0, f"budget {budget} raised to {len(self.plan)}/{run.steps} computed steps: "
                                       f"a {run.steps}-step run needs warm-up ({self.warmup}) and the last step"))
