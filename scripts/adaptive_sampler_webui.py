@@ -16,6 +16,7 @@ from modules import (script_callbacks, scripts, sd_samplers, sd_samplers_common,
                      sd_samplers_timesteps, sd_samplers_timesteps_impl, shared)
 
 from adaptive_sampler.hosts import a1111 as W  # noqa: E402
+from adaptive_sampler.oracles import LEVELS  # noqa: E402
 
 SECTION = ("adaptive_sampler", "Adaptive sampling")
 OPTION = {name: f"adaptive_sampler_{name}" for name in W.INFOTEXT}
@@ -79,9 +80,11 @@ def on_ui_settings():
         "ad_threshold": ("AdaptiveDiffusion skip threshold (0 disables)", gr.Number, {}),
         "max_skips": ("AdaptiveDiffusion max skips in a row", gr.Number, {"precision": 0}),
         "warmup": ("AdaptiveDiffusion warm-up steps (>= 4)", gr.Number, {"precision": 0}),
-        "budget": ("Forecast NFE budget (fraction of full CFG; 0 = auto: 0.5, 0.6 on DPM++ SDE)", gr.Number, {}),
+        "budget": ("Forecast NFE budget (fraction of full CFG; 0 = set by the level)", gr.Number, {}),
         "min_steps": ("Adapt only passes of at least this many steps (shorter hires-fix / img2img passes run full "
                       "CFG; 1 adapts every pass)", gr.Number, {"precision": 0}),
+        "level": ("Forecast level (quality / balanced / fast: the share of network calls kept)", gr.Dropdown,
+                  {"choices": list(LEVELS)}),
     }
     for name, key in OPTION.items():
         label, component, args = labels[name]
@@ -94,8 +97,8 @@ script_callbacks.on_ui_settings(on_ui_settings)
 
 class AdaptiveSamplingScript(scripts.Script):
     """The "Adaptive sampling" accordion; its args are also the API's alwayson_scripts args, in this order:
-    enable, mode, ag_threshold, ag_space, ad_threshold, max_skips, warmup, budget, min_steps (appended last, so
-    older requests with eight args keep their meaning and get the default)."""
+    enable, mode, ag_threshold, ag_space, ad_threshold, max_skips, warmup, budget, min_steps, level (min_steps and
+    level were appended last, so older requests with fewer args keep their meaning and get the defaults)."""
 
     def title(self):
         return "Adaptive sampling"
@@ -107,17 +110,21 @@ class AdaptiveSamplingScript(scripts.Script):
         with gr.Accordion("Adaptive sampling", open=False):
             enable = gr.Checkbox(False, label="Enable (applies to built-in Euler, Euler a, DPM++ 2M, DDIM, ...; "
                                                "the * Adaptive samplers use these values when enabled)")
-            mode = gr.Dropdown(list(W.MODES), value=DEFAULTS.mode, label="Mode")
+            with gr.Row():
+                mode = gr.Dropdown(list(W.MODES), value=DEFAULTS.mode, label="Mode")
+                level = gr.Dropdown(list(LEVELS), value=DEFAULTS.level,
+                                    label="Level (forecast: quality 2x, balanced 2.5x, fast 3.3x fewer calls on "
+                                          "deterministic samplers)")
             with gr.Row():
                 ag_threshold = gr.Number(DEFAULTS.ag_threshold, label="AG threshold")
                 ag_space = gr.Dropdown(["x0", "v", "eps"], value=DEFAULTS.ag_space, label="AG space")
-                budget = gr.Number(DEFAULTS.budget, label="Forecast budget (0 = auto)")
+                budget = gr.Number(DEFAULTS.budget, label="Forecast budget (0 = set by the level)")
             with gr.Row():
                 ad_threshold = gr.Number(DEFAULTS.ad_threshold, label="Skip threshold")
                 max_skips = gr.Number(DEFAULTS.max_skips, label="Max skips", precision=0)
                 warmup = gr.Number(DEFAULTS.warmup, label="Warm-up steps", precision=0)
                 min_steps = gr.Number(DEFAULTS.min_steps, label="Min steps per pass (shorter: full CFG)", precision=0)
-        controls = [enable, mode, ag_threshold, ag_space, ad_threshold, max_skips, warmup, budget, min_steps]
+        controls = [enable, mode, ag_threshold, ag_space, ad_threshold, max_skips, warmup, budget, min_steps, level]
         self.infotext_fields = [(enable, lambda d: W.INFOTEXT["mode"] in d)] + [
             (c, W.INFOTEXT[n]) for c, n in zip(controls[1:], W.INFOTEXT)]
         self.paste_field_names = [W.INFOTEXT[n] for n in W.INFOTEXT]
@@ -169,6 +176,7 @@ def _xyz_axes():
                                                setter(name)))
     xyz.axis_options.append(xyz.AxisOption("[Adaptive] AG space", str, setter("ag_space"),
                                            choices=lambda: ["x0", "v", "eps"]))
+    xyz.axis_options.append(xyz.AxisOption("[Adaptive] Level", str, setter("level"), choices=lambda: list(LEVELS)))
 
 
 script_callbacks.on_before_ui(_xyz_axes)

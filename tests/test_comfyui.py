@@ -73,13 +73,14 @@ def library(model, sampler, oracle, batch=1, seed=0, steps=STEPS, **kw):
 # -- settings ------------------------------------------------------------------------------------------------------
 def test_defaults_are_the_recommended_oracle():
     assert repr(H.ComfySettings().build_oracle()) == repr(O.recommended())
-    widgets = H.AdaptiveSamplingNode.INPUT_TYPES()["required"]
+    inputs = H.AdaptiveSamplingNode.INPUT_TYPES()
+    widgets = {**inputs["required"], **inputs["optional"]}
     assert {name: widgets[name][1]["default"] for name in H.WIDGETS} == \
         {name: getattr(H.ComfySettings(), name) for name in H.WIDGETS}
 
 
 @pytest.mark.parametrize("widget,value", [
-    ("mode", "fast"), ("budget", math.nan), ("budget", -0.1), ("budget", 1.5), ("ag_threshold", math.nan),
+    ("mode", "fast"), ("level", "max"), ("level", 2), ("budget", math.nan), ("budget", -0.1), ("budget", 1.5), ("ag_threshold", math.nan),
     ("ag_threshold", "high"), ("ag_space", "latent"), ("ad_threshold", -0.1), ("ad_max_skips", 0),
     ("ad_warmup", 2), ("ad_warmup", 4.5),
 ])
@@ -248,7 +249,7 @@ def test_the_report_node_finds_the_run_that_produced_a_latent(model):
                                   model.inner.get_sigmas(steps)))
     node = H.AdaptiveSamplingReport()
     first = node.report(patcher, {"samples": outs[0].clone()})
-    assert first["result"][0].startswith("Adaptive Sampling [forecast budget=auto] sample_euler: 10 steps")
+    assert first["result"][0].startswith("Adaptive Sampling [forecast level=balanced] sample_euler: 10 steps")
     assert f"NFE {2 * int(O.LEVELS[O.DEFAULT_LEVEL][0] * 10 + 1e-9)}/20" in first["ui"]["text"][0]
     assert "12 steps" in node.report(patcher, {"samples": outs[1]})["result"][0]
     with pytest.raises(ValueError, match="latent"):

@@ -349,7 +349,7 @@ def test_host_runs_at_cfg_1_and_negative_cfg(denoiser, mode, scale):
 
 # -- the min_steps setting ----------------------------------------------------------------------------------------
 def test_min_steps_is_a_validated_setting_recorded_in_the_infotext_and_appended_last():
-    assert list(W.INFOTEXT)[-1] == "min_steps"  # the accordion / API args keep their order; the new one is last
+    assert list(W.INFOTEXT)[-2:] == ["min_steps", "level"]  # the accordion / API args keep their order; new ones last
     s = W.AdaptiveSettings(mode="adaptive-diffusion", min_steps=10)
     text = s.infotext()
     assert text[W.INFOTEXT["min_steps"]] == 10
@@ -362,3 +362,18 @@ def test_min_steps_is_a_validated_setting_recorded_in_the_infotext_and_appended_
             W.AdaptiveSettings.from_mapping(dict(min_steps=bad))
     assert isinstance(W.AdaptiveSettings(min_steps=8).build_oracle(7), O.FullCFG)
     assert isinstance(W.AdaptiveSettings(min_steps=8).build_oracle(8), O.Forecast)
+
+
+def test_level_is_the_forecast_knob_recorded_in_the_infotext_and_appended_last():
+    assert list(W.INFOTEXT)[-1] == "level"
+    s = W.AdaptiveSettings(level="fast")
+    text = s.infotext()
+    assert text[W.INFOTEXT["level"]] == "fast"
+    assert W.AdaptiveSettings.from_infotext({k: str(v) for k, v in text.items()}) == s
+    older = {W.INFOTEXT["mode"]: "forecast", W.INFOTEXT["budget"]: "0.5"}  # an image from before the knob
+    assert W.AdaptiveSettings.from_infotext(older).level == O.DEFAULT_LEVEL
+    assert repr(s.build_oracle(20)) == repr(O.recommended("fast"))
+    with pytest.raises(ValueError, match="level must be one of quality, balanced, fast, got 'max'"):
+        W.AdaptiveSettings.from_mapping(dict(level="max"))
+    with pytest.raises(ValueError, match="level must be one of"):
+        W.AdaptiveSettings(mode="ag", level="max")  # checked whatever the mode

@@ -68,6 +68,7 @@ INFOTEXT = {
     "warmup": "Adaptive warmup",
     "budget": "Adaptive budget",
     "min_steps": "Adaptive min steps",
+    "level": "Adaptive level",
 }
 NFE_FIELD = "Adaptive NFE"
 #: Why a pass was not adapted as configured (too short for the mode, or below ``min_steps``); not a setting.
@@ -75,7 +76,7 @@ NOTES_FIELD = "Adaptive notes"
 
 #: Which settings each mode uses (the others are not written to the infotext).
 MODE_FIELDS = {
-    "forecast": ("budget", "min_steps"),
+    "forecast": ("level", "budget", "min_steps"),
     "ag": ("ag_threshold", "ag_space", "min_steps"),
     "linear-ag": ("ag_threshold", "ag_space", "min_steps"),
     "adaptive-diffusion": ("ad_threshold", "max_skips", "warmup", "min_steps"),
@@ -104,9 +105,11 @@ class AdaptiveSettings:
     ad_threshold: float = 0.01
     max_skips: int = 4
     warmup: int = 4
-    #: Forecast's NFE budget; 0 = Forecast's own default (0.5, and 0.6 on the DPM++ SDE samplers).
+    #: Forecast's NFE budget; 0 = set by ``level``.
     budget: float = 0.0
     min_steps: int = DEFAULT_MIN_STEPS
+    #: The one knob of the default mode: "quality", "balanced" or "fast" (``oracles.LEVELS``).
+    level: str = O.DEFAULT_LEVEL
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -128,13 +131,13 @@ class AdaptiveSettings:
         if self.mode not in ("adaptive-diffusion", "ag+adaptive-diffusion"):
             O.AdaptiveDiffusion(self.ad_threshold, self.max_skips, self.warmup)
         if self.mode != "forecast":
-            Forecast(budget=self.budget or None)
+            Forecast(budget=self.budget or None, level=self.level)
 
     def build_oracle(self, steps: int | None = None) -> O.Oracle | None:
         """A fresh oracle for one pass of ``steps`` steps (None for mode "off"): full CFG below ``min_steps``."""
         if self.short_pass_note(steps) is not None:
             return O.FullCFG()
-        return O.mode_oracle(self.mode, budget=self.budget or None, ag_threshold=self.ag_threshold,
+        return O.mode_oracle(self.mode, level=self.level, budget=self.budget or None, ag_threshold=self.ag_threshold,
                              ag_space=self.ag_space, ad_threshold=self.ad_threshold, max_skips=self.max_skips,
                              warmup=self.warmup)
 

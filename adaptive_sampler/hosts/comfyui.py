@@ -85,7 +85,7 @@ def _defaults() -> dict[str, Any]:
     rec, ad = O.recommended(), O.AdaptiveDiffusion()
     if not isinstance(rec, O.Forecast):  # the "forecast" mode below builds the recommended oracle
         raise RuntimeError(f"recommended() is {type(rec).__name__}; update the ComfyUI host's default mode")
-    return dict(mode="forecast", budget=rec.budget or 0.0, ag_threshold=O.DEFAULT_AG_THRESHOLDS["x0"], ag_space="x0",
+    return dict(mode="forecast", level=rec.level, budget=rec.budget or 0.0, ag_threshold=O.DEFAULT_AG_THRESHOLDS["x0"], ag_space="x0",
                 ad_threshold=ad.threshold, ad_max_skips=ad.max_skips, ad_warmup=ad.warmup)
 
 
@@ -95,10 +95,12 @@ _DEFAULTS = _defaults()
 @dataclass(frozen=True)
 class ComfySettings:
     """The node's widgets, validated at construction: a bad value raises ``ValueError`` naming the widget.
-    ``budget`` 0 means Forecast's own default (0.5, and 0.6 on the DPM++ SDE samplers); runs shorter than
+    ``level`` is the forecast mode's one knob (quality / balanced / fast); ``budget`` 0 means "set by the level",
+    another value overrides it; runs shorter than
     ``min_steps`` are not adapted (full CFG, logged), as on A1111."""
 
     mode: str = _DEFAULTS["mode"]
+    level: str = _DEFAULTS["level"]
     budget: float = _DEFAULTS["budget"]
     ag_threshold: float = _DEFAULTS["ag_threshold"]
     ag_space: str = _DEFAULTS["ag_space"]
@@ -118,6 +120,7 @@ class ComfySettings:
             raise ValueError("min_steps: must be an integer >= 1 (runs with fewer steps run unchanged; 1 adapts "
                              f"every run), got {self.min_steps!r}")
         checks: dict[str, Callable[[], object]] = {  # every widget is checked, whatever the mode
+            "level": lambda: O.Forecast(level=self.level),
             "budget": lambda: O.Forecast(budget=self.budget or None),
             "ag_space": lambda: O.AdaptiveGuidance(space=self.ag_space) if self.ag_space in O.DEFAULT_AG_THRESHOLDS
             else O.AdaptiveGuidance(0.5, space=self.ag_space),
@@ -134,17 +137,16 @@ class ComfySettings:
 
     def build_oracle(self) -> O.Oracle | None:
         """A fresh oracle for one sampling run (None for mode "off")."""
-        return O.mode_oracle(self.mode, budget=self.budget or None, ag_threshold=self.ag_threshold,
+        return O.mode_oracle(self.mode, level=self.level, budget=self.budget or None, ag_threshold=self.ag_threshold,
                              ag_space=self.ag_space, ad_threshold=self.ad_threshold, max_skips=self.ad_max_skips,
                              warmup=self.ad_warmup)
 
     def describe(self) -> str:
-        used = {"forecast": ("budget",), "ag": ("ag_threshold", "ag_space"), "linear-ag": ("ag_threshold", "ag_space"),
+        used = {"forecast": ("level", "budget") if self.budget else ("level",), "ag": ("ag_threshold", "ag_space"), "linear-ag": ("ag_threshold", "ag_space"),
                 "adaptive-diffusion": ("ad_threshold", "ad_max_skips", "ad_warmup"),
                 "ag+adaptive-diffusion": ("ag_threshold", "ag_space", "ad_threshold", "ad_max_skips", "ad_warmup"),
                 "off": ()}[self.mode]
-        shown = {**{k: getattr(self, k) for k in used}, **({"budget": "auto"} if self.budget == 0 else {})}
-        return self.mode + "".join(f" {k}={shown[k]}" for k in used)
+        return self.mode + "".join(f" {k}={getattr(self, k)}" for k in used)
 
 
 WIDGETS = tuple(f.name for f in fields(ComfySettings))
@@ -526,8 +528,8 @@ class AdaptiveSamplingNode:
             "model": ("MODEL",),
             "mode": (list(MODES), {"default": d["mode"], "tooltip": "forecast = recommended; off = unchanged"}),
             "budget": ("FLOAT", {"default": d["budget"], "min": 0.0, "max": 1.0, "step": 0.01,
-                                 "tooltip": "forecast: fraction of full CFG's network evaluations to spend; "
-                                            "0 = auto (0.5, 0.6 on the DPM++ SDE samplers)"}),
+                                 "tooltip": "forecast, for experts: fraction of full CFG's network evaluations to "
+                                            "spend instead of the level's; 0 = set by the level"}),
             "ag_threshold": ("FLOAT", {"default": d["ag_threshold"], "min": -1.0, "max": 1.0, "step": 0.001,
                                        "tooltip": "AG modes: switch to conditional-only when cos(cond, uncond) "
                                                   "reaches this (1 disables)"}),
@@ -539,6 +541,11 @@ class AdaptiveSamplingNode:
             "min_steps": ("INT", {"default": O.SHORT_PASS_MIN_STEPS, "min": 1, "max": 10000,
                                   "tooltip": "adapt only runs of at least this many steps; shorter ones (img2img, "
                                              "hires and detailer passes) run unchanged; 1 adapts every run"}),
+        }, "optional": {  # optional: prompts saved before the knob existed keep working
+            "level": (list(O.LEVELS), {"default": d["level"],
+                                       "tooltip": "forecast: quality / balanced / fast - the share of network "
+                                                  "evaluations kept (on deterministic samplers 50% / 40% / 30%; "
+                                                  "stochastic samplers keep more)"}),
         }}
 
     def patch(self, model, **widgets):

@@ -241,7 +241,7 @@ def test_the_ksampler_list_sampler_equals_the_node_in_its_default_mode(server):
     _, (node,) = generate(server, sampler="dpmpp_2m", widgets=DEFAULT_WIDGETS, steps=steps)
     _, (listed,) = generate(server, sampler="dpmpp_2m_adaptive", steps=steps)
     assert np.array_equal(node, listed)
-    assert "[forecast budget=auto] sample_dpmpp_2m" in server["log"].read_text()
+    assert "[forecast level=balanced] sample_dpmpp_2m" in server["log"].read_text()
 
 
 def test_a_batch_of_two_equals_two_single_runs(server):
