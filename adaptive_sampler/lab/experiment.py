@@ -1,11 +1,13 @@
 """Running samplers on a class-conditional denoiser with fixed seeds: shared by the demo, bench, calibration and tuning.
 
-The latents of sample ``j`` depend only on its own seed, so a batch gives the same images as single runs would.
+Sample ``j``'s initial latent and, on stochastic samplers, every noise draw depend only on its own seed (k-diffusion's
+Brownian-tree noise sampler with one tree per seed), so a batch gives the same images as single runs would.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -123,6 +125,13 @@ def initial_latents(target: Target, seeds: Sequence[int], sigma0: torch.Tensor, 
     return noise * scale
 
 
+def per_image_noise(x: torch.Tensor, sigmas: torch.Tensor, seeds: Sequence[int]) -> K.sampling.BrownianTreeNoiseSampler:
+    """k-diffusion's Brownian-tree noise sampler with one tree per image seed: each image's noise draws are its own,
+    whatever batch it is sampled in."""
+    positive = sigmas[sigmas > 0]
+    return K.sampling.BrownianTreeNoiseSampler(x, positive.min(), positive.max(), seed=[int(s) for s in seeds])
+
+
 def generate(target: Target, sampler: str, steps: int, scale: float, labels: Sequence[int], seeds: Sequence[int],
              oracle: Oracle | None = None, sigmas: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, RunSummary]:
     """Sample one image per (label, seed); returns images in data space and the oracle's run summary."""
@@ -133,7 +142,8 @@ def generate(target: Target, sampler: str, steps: int, scale: float, labels: Seq
     cond = torch.as_tensor(list(labels), dtype=torch.long)
     extra_args = dict(cond=cond, uncond=torch.full_like(cond, target.null_label), cond_scale=float(scale))
     oracle = oracle if oracle is not None else FullCFG()
-    torch.manual_seed(int(seeds[0]) if len(seeds) else 0)  # ancestral / SDE noise
+    if "noise_sampler" in inspect.signature(SAMPLERS[sampler]).parameters and "noise_sampler" not in kwargs:
+        kwargs["noise_sampler"] = per_image_noise(x, sigmas, seeds)
     out = SAMPLERS[sampler](target.model, x, sigmas, extra_args=extra_args, disable=True, oracle=oracle, **kwargs)
     if sampler == "ddim":
         out = out / (1 + sigmas[-1] ** 2) ** 0.5
