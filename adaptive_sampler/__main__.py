@@ -240,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     goal = tune.add_mutually_exclusive_group(required=True)
     goal.add_argument("--target-psnr", type=_scale, help="minimum mean PSNR against full CFG, dB")
     goal.add_argument("--target-nfe", type=_scale, help="maximum NFE ratio to full CFG, in (0, 1]")
-    tune.add_argument("--oracle", choices=list(KNOBS), default="compose")
+    tune.add_argument("--oracle", choices=list(KNOBS), default="level",
+                      help="level (default): the default mode's one knob; the others: their thresholds or budget")
     tune.add_argument("--sampler", choices=list(SAMPLERS), default="euler")
     tune.add_argument("--steps", type=_positive_int, default=50)
     tune.add_argument("--scale", type=_scale, default=3.0)

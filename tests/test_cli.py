@@ -61,3 +61,12 @@ def test_bad_arguments_exit_with_a_message(argv, capsys):
 def test_unknown_model_is_a_clear_error(capsys):
     assert main(["tune", "--target-nfe", "0.5", "--model", "no_such_module:f"]) == 2
     assert "could not be loaded" in capsys.readouterr().err
+
+
+def test_tune_picks_the_most_aggressive_level_meeting_the_target(tmp_path):
+    args = ["--steps", "20", "--images", "4", "--out", str(tmp_path)]
+    assert main(["tune", "--target-nfe", "0.45", *args]) == 0  # the default oracle is the level knob
+    result = json.loads((tmp_path / "tune_level.json").read_text())
+    assert result["settings"] == {"level": "balanced"} and result["nfe_ratio"] <= 0.45
+    assert main(["tune", "--target-psnr", "1", *args]) == 0
+    assert json.loads((tmp_path / "tune_level.json").read_text())["settings"] == {"level": "fast"}

@@ -4,10 +4,13 @@ Each oracle family has one knob mapped to an "aggressiveness" u in [0, 1] (0 = c
 NFE; 1 = aggressive). Quality falls and savings grow with u, so a coarse grid followed by bisection finds the most
 aggressive setting that keeps the mean PSNR against full CFG at or above the target (``target_psnr``), or the most
 conservative one whose NFE ratio is at or below the target (``target_nfe``).
+
+``level`` tunes the default's one knob: u maps to its levels (quality, balanced, fast), and the answer is a level.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -40,7 +43,13 @@ def _ag_threshold(u: float) -> float:
     return 1 - _log_interp(1e-5, 5e-2, u)  # 0.99999 .. 0.95
 
 
+def _level(u: float) -> str:
+    levels = list(O.LEVELS)  # from the most conservative to the most aggressive
+    return levels[min(int(u * len(levels)), len(levels) - 1)]
+
+
 KNOBS = {
+    "level": Knob("level", lambda u: Forecast(level=_level(u)), lambda u: {"level": _level(u)}),
     "ag": Knob("ag", lambda u: O.AdaptiveGuidance(threshold=_ag_threshold(u)),
                lambda u: {"threshold": round(_ag_threshold(u), 6), "space": "x0"}),
     "linear-ag": Knob("linear-ag", lambda u: O.LinearAG(threshold=_ag_threshold(u)),
@@ -76,14 +85,15 @@ def tune(target: Target, oracle: str, sampler: str, steps: int, scale: float, im
     labels = [s % target.num_classes for s in seeds]
     full, full_summary = generate(target, sampler, steps, scale, labels, seeds)
     bar = tqdm(total=grid + refine, desc=f"tune {oracle}", disable=not progress)
-    cache: dict[float, tuple[float, float]] = {}
+    cache: dict[str, tuple[float, float]] = {}  # by setting: several u can give one (the levels)
 
     def measure(u: float) -> tuple[float, float]:
-        if u not in cache:
+        key = json.dumps(knob.describe(u), sort_keys=True)
+        if key not in cache:
             imgs, summary = generate(target, sampler, steps, scale, labels, seeds, oracle=knob.make(u))
-            cache[u] = (summary.nfe / full_summary.nfe, float(psnr(imgs, full).clamp(max=99.0).mean()))
-            bar.update(1)
-        return cache[u]
+            cache[key] = (summary.nfe / full_summary.nfe, float(psnr(imgs, full).clamp(max=99.0).mean()))
+        bar.update(1)
+        return cache[key]
 
     def ok(u: float) -> bool:
         nfe, quality = measure(u)
