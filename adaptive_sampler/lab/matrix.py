@@ -1,10 +1,12 @@
 """The sampler matrix: the default and the peers users already have, on every sampler the product exposes.
 
 Every cell (sampler variant x schedule x steps x guidance scale) samples the same seeded images, with the same noise
-draws, under full CFG and under each method, and reports PSNR / SSIM against the full-CFG image. Each peer (Forge
-Neo's Spectrum rule, ComfyUI's LazyCache and EasyCache) runs at its own NFE and is paired with our default at the
-same NFE (``Forecast(budget=peer's NFE ratio)``); the default at its own NFE is paired with "fewer steps" (full CFG
-with half the steps, or the nearest lower count).
+draws, under full CFG and under each method, and reports PSNR / SSIM against the full-CFG image. The default (and
+each other level of its knob) at its own NFE is paired with "fewer steps" (full CFG with as many steps as it
+computes) and with Forge Neo's Spectrum rule brought to the same NFE: Spectrum's defaults with its own speed knobs
+(warm-up 6, 4 or 2 steps; the smallest cache window that keeps its NFE at or under ours), the best of the three
+reported. Each peer (Spectrum, ComfyUI's LazyCache and EasyCache) also runs at its own defaults and is paired with
+our default at the peer's NFE (``Forecast(budget=peer's NFE ratio)``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,12 @@ from tqdm.auto import tqdm
 from .. import oracles as O
 from .experiment import Target, generate_variant, variant_schedules
 from .metrics import psnr, ssim
-from .peers import OutputChangeCache, SpectrumRule
+from .peers import OutputChangeCache, SpectrumRule, spectrum_plan
+
+#: Spectrum's warm-up settings tried when it is brought to another method's NFE (6 is its default).
+SPECTRUM_WARMUPS = (6, 4, 2)
+#: The Spectrum pairing's method name.
+SPECTRUM_AT_OURS = "Spectrum at the default's NFE"
 
 #: (peer name, factory given the target) - each paired with our default at the peer's NFE.
 PEERS: tuple[tuple[str, Callable[[Target], O.Oracle]], ...] = (
@@ -76,17 +83,41 @@ def cell(target: Target, variant: str, schedule: str, steps: int, scale: float, 
         return float(psnr(images, reference).mean()), float(ssim(images, reference).mean())
 
     pairs = []
-    ours, ours_ratio = run(O.recommended())
-    fewer = max(1, int(math.floor(ours_ratio * steps + 1e-9)))
-    baseline, baseline_ratio = run(O.FullCFG(), fewer)
-    pairs.append(Pair(variant, schedule, steps, scale, "default", ours_ratio, *scores(ours),
-                      f"fewer steps ({fewer})", baseline_ratio, *scores(baseline)))
+    for level in O.LEVELS:
+        ours, ours_ratio = run(O.recommended(level))
+        fewer = max(1, int(math.floor(ours_ratio * steps + 1e-9)))
+        baseline, baseline_ratio = run(O.FullCFG(), fewer)
+        method = "default" if level == O.DEFAULT_LEVEL else f"level {level}"
+        pairs.append(Pair(variant, schedule, steps, scale, method, ours_ratio, *scores(ours),
+                          f"fewer steps ({fewer})", baseline_ratio, *scores(baseline)))
+        if level == O.DEFAULT_LEVEL:
+            spectrum = spectrum_at(run, steps, ours_ratio)
+            if spectrum is not None:
+                setting, images, ratio = max(spectrum, key=lambda found: scores(found[1])[0])
+                pairs.append(Pair(variant, schedule, steps, scale, SPECTRUM_AT_OURS, ratio, *scores(images),
+                                  f"default ({setting})", ours_ratio, *scores(ours)))
     for name, make in PEERS:
         peer, peer_ratio = run(make(target))
         ours, ours_ratio = run(O.Forecast(budget=peer_ratio))
         pairs.append(Pair(variant, schedule, steps, scale, name, peer_ratio, *scores(peer),
                           "default at equal NFE", ours_ratio, *scores(ours)))
     return pairs
+
+
+def spectrum_at(run: Callable[..., tuple[torch.Tensor, float]], steps: int, ratio: float
+                ) -> list[tuple[str, torch.Tensor, float]] | None:
+    """Spectrum with each warm-up of :data:`SPECTRUM_WARMUPS` and the smallest cache window (2-10, its UI range)
+    whose measured NFE is at most ``ratio``: (setting, images, NFE ratio) each; None when no setting gets there."""
+    found = []
+    for warmup in SPECTRUM_WARMUPS:
+        for window in range(2, 11):
+            if len(spectrum_plan(steps, warmup, window)) > ratio * steps + 1e-9:
+                continue
+            images, spent = run(SpectrumRule(warmup=warmup, window=window))
+            if spent <= ratio + 1e-9:
+                found.append((f"Spectrum warm-up {warmup}, window {window}", images, spent))
+                break
+    return found or None
 
 
 def run_matrix(target: Target, variants: Sequence[str], schedules: Sequence[str], steps: Sequence[int],
@@ -104,54 +135,82 @@ def _db(value: float) -> str:
     return "∞" if math.isinf(value) else f"{value:.1f}"
 
 
+def is_ours(method: str) -> bool:
+    """Whether a pair's method is ours (paired with fewer steps) rather than a peer (paired with our default)."""
+    return method == "default" or method.startswith("level ")
+
+
+def _title(method: str) -> str:
+    if method == "default":
+        return f"the default (level {O.DEFAULT_LEVEL}) / fewer steps"
+    if is_ours(method):
+        return f"{method} / fewer steps"
+    if method == SPECTRUM_AT_OURS:
+        return "the default / Spectrum, at the default's NFE (Spectrum's best warm-up)"
+    return f"the default / {method}, at {method}'s NFE"
+
+
+def _methods(pairs: Sequence[Pair]) -> list[str]:
+    """The methods in reading order: the default, Spectrum at its NFE, the peers at theirs, the other levels."""
+    order = {"default": 0, SPECTRUM_AT_OURS: 1}
+    return sorted(dict.fromkeys(p.method for p in pairs), key=lambda m: order.get(m, 3 if is_ours(m) else 2))
+
+
+def _sides(p: Pair) -> tuple[float, float]:
+    """(ours, theirs) PSNR of a pair."""
+    return (p.psnr, p.baseline_psnr) if is_ours(p.method) else (p.baseline_psnr, p.psnr)
+
+
 def markdown(pairs: Sequence[Pair]) -> str:
     """One table per method: a row per cell, PSNR of the method and its equal-NFE partner, and who wins."""
     out = []
-    for method in dict.fromkeys(p.method for p in pairs):
+    for method in _methods(pairs):
         rows = [p for p in pairs if p.method == method]
-        if method == "default":
-            out.append("### The default (recommended) against fewer steps at equal NFE\n")
+        out.append(f"\n### {_title(method)}\n")
+        if is_ours(method):
             out.append("| sampler | schedule | steps | scale | NFE ratio | PSNR dB | SSIM | fewer steps | PSNR dB | "
                        "verdict |")
         else:
-            out.append(f"\n### {method} against the default at {method}'s NFE\n")
             out.append(f"| sampler | schedule | steps | scale | NFE ratio | {method} PSNR dB | SSIM | default NFE "
                        "ratio | default PSNR dB | verdict |")
         out.append("|---|---|---:|---:|---:|---:|---:|---|---:|---|")
         wins = 0
         for p in rows:
-            ours_wins = p.psnr > p.baseline_psnr if method == "default" else p.baseline_psnr > p.psnr
-            wins += ours_wins
-            tie = abs(p.psnr - p.baseline_psnr) < 0.05
-            verdict = "tie" if tie else ("**default wins**" if ours_wins else f"{'fewer steps' if method == 'default' else method} wins")
-            partner = p.baseline if method == "default" else f"{p.baseline_nfe_ratio:.2f}"
+            ours, theirs = _sides(p)
+            wins += ours > theirs
+            name = ("default" if method == "default" else method) if is_ours(method) else "default"
+            other = "fewer steps" if is_ours(method) else method
+            verdict = "tie" if abs(ours - theirs) < 0.05 else (f"**{name} wins**" if ours > theirs else f"{other} wins")
+            partner = p.baseline if is_ours(method) else f"{p.baseline_nfe_ratio:.2f} ({p.baseline})"
             out.append(f"| {p.variant} | {p.schedule} | {p.steps} | {p.scale:g} | {p.nfe_ratio:.2f} | {_db(p.psnr)} | "
                        f"{p.ssim:.3f} | {partner} | {_db(p.baseline_psnr)} | {verdict} |")
-        out.append(f"\nThe default wins {wins} of {len(rows)} cells.")
+        out.append(f"\nOurs wins {wins} of {len(rows)} cells.")
     return "\n".join(out) + "\n"
 
 
 def summary(pairs: Sequence[Pair]) -> str:
-    """Compact tables, one row per sampler and schedule, one column per steps/scale: the default against fewer steps,
-    then against each peer at the peer's NFE ("ours / theirs (NFE ratio)", bold where the default wins)."""
+    """Compact tables, one row per sampler and schedule, one column per steps/scale: ours against fewer steps (each
+    level), then against each peer ("ours / theirs (NFE ratio)", bold where ours wins, "-" where the peer cannot get
+    down to our NFE)."""
     out = []
     columns = sorted({(p.steps, p.scale) for p in pairs})
-    for method in dict.fromkeys(p.method for p in pairs):
+    for method in _methods(pairs):
         rows = [p for p in pairs if p.method == method]
-        title = "the default / fewer steps" if method == "default" else f"the default / {method}, at {method}'s NFE"
-        out.append(f"\n**PSNR dB, {title}:**\n")
+        out.append(f"\n**PSNR dB, {_title(method)}:**\n")
         out.append("| sampler | schedule | " + " | ".join(f"{n} steps, scale {c:g}" for n, c in columns) + " | wins |")
         out.append("|---|---|" + "---:|" * (len(columns) + 1))
-        for key in dict.fromkeys((p.variant, p.schedule) for p in rows):
-            cells, wins = [], 0
+        for key in dict.fromkeys((p.variant, p.schedule) for p in pairs):
+            cells, wins, count = [], 0, 0
             for n, c in columns:
-                p = next(q for q in rows if (q.variant, q.schedule, q.steps, q.scale) == (*key, n, c))
-                ours, theirs = (p.psnr, p.baseline_psnr) if method == "default" else (p.baseline_psnr, p.psnr)
-                win = ours > theirs
-                wins += win
-                mark = "**" if win else ""
+                p = next((q for q in rows if (q.variant, q.schedule, q.steps, q.scale) == (*key, n, c)), None)
+                if p is None:
+                    cells.append("-")
+                    continue
+                ours, theirs = _sides(p)
+                wins, count = wins + (ours > theirs), count + 1
+                mark = "**" if ours > theirs else ""
                 cells.append(f"{mark}{_db(ours)}{mark} / {_db(theirs)} ({p.nfe_ratio:.2f})")
-            out.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + f" | {wins}/{len(columns)} |")
+            out.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + f" | {wins}/{count} |")
     return "\n".join(out) + "\n"
 
 
