@@ -1,7 +1,7 @@
 """Running samplers on a class-conditional denoiser with fixed seeds: shared by the demo, bench, calibration and tuning.
 
-Sample ``j``'s initial latent and, on stochastic samplers, every noise draw depend only on its own seed (k-diffusion's
-Brownian-tree noise sampler with one tree per seed), so a batch gives the same images as single runs would.
+Sample ``j``'s initial latent and, on stochastic samplers, every noise draw depend only on its own seed
+(:func:`per_image_noise`), so a batch gives the same images as single runs would.
 """
 
 from __future__ import annotations
@@ -125,11 +125,29 @@ def initial_latents(target: Target, seeds: Sequence[int], sigma0: torch.Tensor, 
     return noise * scale
 
 
-def per_image_noise(x: torch.Tensor, sigmas: torch.Tensor, seeds: Sequence[int]) -> K.sampling.BrownianTreeNoiseSampler:
-    """k-diffusion's Brownian-tree noise sampler with one tree per image seed: each image's noise draws are its own,
-    whatever batch it is sampled in."""
-    positive = sigmas[sigmas > 0]
-    return K.sampling.BrownianTreeNoiseSampler(x, positive.min(), positive.max(), seed=[int(s) for s in seeds])
+class PerImageGaussian:
+    """Fresh unit Gaussian noise per call, each row from its own image's generator (as A1111 seeds its per-image
+    noise for Euler a and DDIM): an image's draws do not depend on the batch it is in. The generators are seeded
+    apart from the initial latents' (``seed + NOISE_SEED_OFFSET``) so the first draw is not the starting noise."""
+
+    NOISE_SEED_OFFSET = 1 << 40
+
+    def __init__(self, x: torch.Tensor, seeds: Sequence[int]) -> None:
+        self.shape, self.dtype, self.device = x.shape[1:], x.dtype, x.device
+        self.generators = [torch.Generator().manual_seed(int(s) + self.NOISE_SEED_OFFSET) for s in seeds]
+
+    def __call__(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators]).to(self.device, self.dtype)
+
+
+def per_image_noise(sampler: str, x: torch.Tensor, sigmas: torch.Tensor, seeds: Sequence[int]) -> Callable:
+    """Noise draws that depend only on each image's seed: k-diffusion's Brownian-tree noise sampler with one tree
+    per seed for the DPM++ SDE samplers (their default noise, so a run with fewer steps follows the same noise path),
+    :class:`PerImageGaussian` for the others."""
+    if sampler.startswith("dpmpp") and "sde" in sampler:
+        positive = sigmas[sigmas > 0]
+        return K.sampling.BrownianTreeNoiseSampler(x, positive.min(), positive.max(), seed=[int(s) for s in seeds])
+    return PerImageGaussian(x, seeds)
 
 
 def generate(target: Target, sampler: str, steps: int, scale: float, labels: Sequence[int], seeds: Sequence[int],
@@ -143,7 +161,7 @@ def generate(target: Target, sampler: str, steps: int, scale: float, labels: Seq
     extra_args = dict(cond=cond, uncond=torch.full_like(cond, target.null_label), cond_scale=float(scale))
     oracle = oracle if oracle is not None else FullCFG()
     if "noise_sampler" in inspect.signature(SAMPLERS[sampler]).parameters and "noise_sampler" not in kwargs:
-        kwargs["noise_sampler"] = per_image_noise(x, sigmas, seeds)
+        kwargs["noise_sampler"] = per_image_noise(sampler, x, sigmas, seeds)
     out = SAMPLERS[sampler](target.model, x, sigmas, extra_args=extra_args, disable=True, oracle=oracle, **kwargs)
     if sampler == "ddim":
         out = out / (1 + sigmas[-1] ** 2) ** 0.5
