@@ -3,7 +3,6 @@ accordion, its settings, infotext fields and X/Y/Z axes. The logic lives in ``ad
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 
@@ -41,7 +40,7 @@ def settings_for(p) -> W.AdaptiveSettings:
     settings = getattr(p, "adaptive_settings", None) or settings_from_opts()
     overrides = getattr(p, "adaptive_overrides", None)
     if overrides:
-        settings = dataclasses.replace(settings, **{k: W._cast(k, v) for k, v in overrides.items()})
+        settings = settings.with_overrides(overrides)
     p.extra_generation_params.update(settings.infotext())
     return settings
 
