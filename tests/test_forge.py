@@ -244,6 +244,14 @@ def test_forge_dropping_the_uncond_itself_is_counted_and_identical_when_disabled
     assert forge_pass.run.schedule[3] == forge_pass.run.schedule[5] == "C"
 
 
+def test_cond_steps_evaluate_no_uncond_rows_even_when_an_extension_disabled_forges_cfg1_optimization(denoiser):
+    p = make_p(denoiser)
+    p.sd_model.forge_objects.unet.model_options["disable_cfg1_optimization"] = True
+    forge_pass = adapt(p, mode="ag", ag_threshold=0.9)
+    sample(p)
+    assert "C" in forge_pass.run.schedule and p.model.rows == nfe(p)[0] * BATCH < 2 * STEPS * BATCH
+
+
 def test_without_an_unconditional_pass_only_step_skipping_applies(denoiser):
     """CFG 1 (and distilled-CFG models): uncond is None. Forecast still skips steps at 1 row per step; a guidance
     mode runs unchanged and says why in the infotext."""

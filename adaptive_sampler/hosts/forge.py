@@ -92,7 +92,8 @@ class ForgePass:
         self._report = report
         self.run: OracleRun | None = None
         #: The schedule the sampler function was called with, and whether it is DDIM's timesteps (set by the wrapper
-        #: :func:`install` puts on the sampler function: Forge's DDIM runs one step fewer than its step count says).
+        #: :func:`install` puts on the sampler function: the calls that run, which Forge's step counts do not say for
+        #: DDIM, one call per interval of its timestep grid).
         self.schedule: tuple[torch.Tensor, bool] | None = None
         self._notes: list[str] = []
         self._boundaries: frozenset[int] = frozenset()
@@ -131,6 +132,7 @@ class ForgePass:
         post = list(options.get("sampler_post_cfg_function", []))
         if decision is Decision.COND and not dropped:
             cond_scale = 1.0
+            options["disable_cfg1_optimization"] = False  # as ComfyUI's host: scale 1 evaluates no uncond rows
         elif decision is Decision.LINEAR and not dropped:
             uncond = None
             options["sampler_cfg_function"] = self._linear_cfg(state, cond, options.get("sampler_cfg_function"))
