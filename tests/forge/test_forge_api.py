@@ -317,7 +317,7 @@ def test_cfg_1_skips_steps_but_has_no_guidance_to_adapt(server):
     _, infotexts = txt2img(server, sampler_name="Euler Adaptive", cfg_scale=1)
     f = fields(infotexts[0])
     assert nfe(f) == (4, 8) and int(f[ROWS]) == 4
-    _, infotexts = txt2img(server, sampler_name="Euler Adaptive", cfg_scale=1, alwayson_scripts=adaptive_args("ag"))
+    _, infotexts = txt2img(server, sampler_name="Euler Adaptive", cfg_scale=1, alwayson_scripts=adaptive_args(mode="ag"))
     f = fields(infotexts[0])
     assert nfe(f) == (8, 8) and "no unconditional prediction" in f["Adaptive notes"]
 
