@@ -1,9 +1,9 @@
-"""AUTOMATIC1111 entry point for adaptive-sampler: registers the adaptive samplers, the "Adaptive sampling"
-accordion, its settings, infotext fields and X/Y/Z axes. The logic lives in ``adaptive_sampler.hosts.a1111``."""
+"""AUTOMATIC1111 and Forge entry point for adaptive-sampler: registers the adaptive samplers, the "Adaptive sampling"
+accordion, its settings, infotext fields and X/Y/Z axes. The UI is the same on both; the mechanics live in
+``adaptive_sampler.hosts.a1111`` (A1111's CFG denoiser) and ``adaptive_sampler.hosts.forge`` (Forge's backend)."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 
@@ -15,16 +15,21 @@ import gradio as gr  # noqa: E402
 from modules import (script_callbacks, scripts, sd_samplers, sd_samplers_common, sd_samplers_kdiffusion,  # noqa: E402
                      sd_samplers_timesteps, sd_samplers_timesteps_impl, shared)
 
-from adaptive_sampler.hosts import a1111 as W  # noqa: E402
+from adaptive_sampler.hosts import webui_common as W  # noqa: E402
 from adaptive_sampler.oracles import LEVELS  # noqa: E402
 
 SECTION = ("adaptive_sampler", "Adaptive sampling")
 OPTION = {name: f"adaptive_sampler_{name}" for name in W.INFOTEXT}
 DEFAULTS = W.AdaptiveSettings()
+ADAPTIVE_NAMES = {name for name, _, _ in W.ADAPTIVE_SAMPLERS}
 FORGE = W.is_forge(shared)
 
-DenoiserK = W.adaptive_denoiser_class(sd_samplers_kdiffusion.CFGDenoiserKDiffusion, "x0")
-DenoiserT = W.adaptive_denoiser_class(sd_samplers_timesteps.CFGDenoiserTimesteps, "eps")
+if FORGE:
+    from adaptive_sampler.hosts import forge as F
+else:
+    from adaptive_sampler.hosts import a1111 as A
+    DenoiserK = A.adaptive_denoiser_class(sd_samplers_kdiffusion.CFGDenoiserKDiffusion, "x0")
+    DenoiserT = A.adaptive_denoiser_class(sd_samplers_timesteps.CFGDenoiserTimesteps, "eps")
 
 
 def settings_from_opts() -> W.AdaptiveSettings:
@@ -34,42 +39,59 @@ def settings_from_opts() -> W.AdaptiveSettings:
 def settings_for(p) -> W.AdaptiveSettings:
     """Per-request settings (accordion / alwayson_scripts) over the Settings defaults, then X/Y/Z overrides.
 
-    Called by the adaptive denoiser at its first step: an error raised here fails the request (A1111 swallows
-    exceptions raised in script hooks, which would silently fall back to the defaults)."""
+    On A1111 called by the adaptive denoiser at its first step, so an error raised here fails the request (A1111
+    and Forge swallow exceptions raised in script hooks, which would silently fall back to the defaults); on Forge
+    the pass keeps the error and raises it at its first step."""
     error = getattr(p, "adaptive_error", None)
     if error:
         raise ValueError(error)
     settings = getattr(p, "adaptive_settings", None) or settings_from_opts()
     overrides = getattr(p, "adaptive_overrides", None)
     if overrides:
-        settings = dataclasses.replace(settings, **{k: W._cast(k, v) for k, v in overrides.items()})
+        settings = settings.with_overrides(overrides)
     p.extra_generation_params.update(settings.infotext())
     return settings
 
 
 def make_sampler_data(name: str, function: str, base: str):
+    """A1111: the built-in sampler with the adaptive CFG denoiser in place of its own."""
     base_data = sd_samplers.all_samplers_map[base]
     if function == "ddim":
         def constructor(model):
-            sampler = sd_samplers_timesteps.CompVisSampler(W.with_schedule(sd_samplers_timesteps_impl.ddim), model)
+            sampler = sd_samplers_timesteps.CompVisSampler(A.with_schedule(sd_samplers_timesteps_impl.ddim), model)
             sampler.model_wrap_cfg = DenoiserT(sampler, settings_for, name, W.report)
             sampler.model_wrap = sampler.model_wrap_cfg.inner_model
             return sampler
     else:
         def constructor(model):
             sampler = sd_samplers_kdiffusion.KDiffusionSampler(function, model)  # by name: keeps s_churn etc.
-            sampler.func = W.with_schedule(sampler.func)
+            sampler.func = A.with_schedule(sampler.func)
             sampler.model_wrap_cfg = DenoiserK(sampler, settings_for, name, W.report)
             sampler.model_wrap = sampler.model_wrap_cfg.inner_model
             return sampler
-    alias = name.lower().replace("+", "p").replace(" ", "_")
-    return sd_samplers_common.SamplerData(name, constructor, [alias], dict(base_data.options))
+    return sd_samplers_common.SamplerData(name, constructor, [alias(name)], dict(base_data.options))
+
+
+def make_forge_sampler_data(name: str, function: str, base: str):
+    """Forge: the built-in sampler itself; the script's ``process_before_every_sampling`` adapts its passes."""
+    base_data = sd_samplers.all_samplers_map[base]
+    if function == "ddim":
+        def constructor(model):
+            return sd_samplers_timesteps.CompVisSampler(sd_samplers_timesteps_impl.ddim, model)
+    else:
+        def constructor(model):
+            return sd_samplers_kdiffusion.KDiffusionSampler(function, model)
+    return sd_samplers_common.SamplerData(name, constructor, [alias(name)], dict(base_data.options))
+
+
+def alias(name: str) -> str:
+    return name.lower().replace("+", "p").replace(" ", "_")
 
 
 if FORGE:
-    print("[adaptive-sampler] Forge detected: this extension supports AUTOMATIC1111 only; nothing was registered.")
+    F.register_samplers(sd_samplers, make_forge_sampler_data)
 else:
-    W.register_samplers(sd_samplers, make_sampler_data)
+    A.register_samplers(sd_samplers, make_sampler_data)
 
 
 def on_ui_settings():
@@ -115,6 +137,10 @@ class AdaptiveSamplingScript(scripts.Script):
                 level = gr.Dropdown(list(LEVELS), value=DEFAULTS.level,
                                     label="Level (forecast: quality 2x, balanced 2.5x, fast 3.3x fewer calls on "
                                           "deterministic samplers)")
+            if FORGE:
+                gr.Markdown("Without an unconditional pass (CFG scale 1; Flux and other distilled-CFG models) only "
+                            "Forecast and AdaptiveDiffusion apply: the guidance modes run unchanged and say so in "
+                            "the infotext. Not together with Spectrum Integrated (one of the two).")
             with gr.Row():
                 ag_threshold = gr.Number(DEFAULTS.ag_threshold, label="AG threshold")
                 ag_space = gr.Dropdown(["x0", "v", "eps"], value=DEFAULTS.ag_space, label="AG space")
@@ -142,20 +168,46 @@ class AdaptiveSamplingScript(scripts.Script):
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         sampler = getattr(p, "sampler", None)
-        if FORGE or not args or not args[0] or sampler is None or hasattr(sampler.model_wrap_cfg, "adaptive"):
+        if sampler is None:
             return
         name = sampler.config.name if sampler.config is not None else p.sampler_name
-        if name not in W.SUPPORTED_BUILTINS and not getattr(p, "adaptive_error", None):
+        enabled = bool(args and args[0])
+        if FORGE:
+            forge_before_sampling(p, sampler, name, enabled)
+            return
+        if not enabled or hasattr(sampler.model_wrap_cfg, "adaptive"):
+            return
+        if name not in A.SUPPORTED_BUILTINS and not getattr(p, "adaptive_error", None):
             print(f"[adaptive-sampler] {name} is not supported (it calls the model more than once per step); "
                   "sampling it unchanged.")
             return
         if isinstance(sampler, sd_samplers_timesteps.CompVisSampler):
-            sampler.func = W.with_schedule(sampler.func)
+            sampler.func = A.with_schedule(sampler.func)
             sampler.model_wrap_cfg = DenoiserT(sampler, settings_for, name, W.report)
         else:
-            sampler.func = W.with_schedule(sampler.func)
+            sampler.func = A.with_schedule(sampler.func)
             sampler.model_wrap_cfg = DenoiserK(sampler, settings_for, name, W.report)
         sampler.model_wrap = sampler.model_wrap_cfg.inner_model
+
+
+def forge_before_sampling(p, sampler, name: str, enabled: bool) -> None:
+    """Forge: adapt this pass (a * Adaptive sampler, or a built-in one with the accordion enabled) through a
+    conditioning modifier on the pass's unet patcher. Errors are kept for the pass's first step, which fails the
+    request with them."""
+    if name not in ADAPTIVE_NAMES and not enabled:
+        return
+    if name not in ADAPTIVE_NAMES and not F.is_one_call(sampler) and not getattr(p, "adaptive_error", None):
+        print(f"[adaptive-sampler] {name} is not supported (it calls the model more than once per step); "
+              "sampling it unchanged.")
+        return
+    try:
+        settings, error = settings_for(p), None
+    except ValueError as exc:
+        settings, error = None, str(exc)
+    if error is None and settings.mode != "off" and F.spectrum_enabled(p):
+        error = (f"Adaptive sampling: {F.SPECTRUM_TITLE} is enabled too; both skip steps and they cannot be "
+                 "stacked: disable one of the two")
+    F.install(p, F.ForgePass(p, sampler, settings, error, shared.opts, W.report))
 
 
 def _xyz_axes():

@@ -1,4 +1,4 @@
-"""Helpers shared by the real-host integration suites (tests/webui, tests/comfyui)."""
+"""Helpers shared by the real-host integration suites (tests/webui, tests/forge, tests/comfyui)."""
 
 import socket
 from pathlib import Path
@@ -14,12 +14,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def link_to_this_repository(link: Path) -> None:
-    """Make ``link`` point at this repository: a link left by an earlier run of another checkout would silently
-    test that checkout's code. A real folder there is not ours to replace."""
-    if link.is_symlink() and link.resolve() != REPO.resolve():
+def link_to_this_repository(link: Path, target: Path = REPO) -> None:
+    """Make ``link`` point at this repository (or ``target`` inside it): a link left by an earlier run of another
+    checkout would silently test that checkout's code. A real folder there is not ours to replace."""
+    if link.is_symlink() and link.resolve() != target.resolve():
         link.unlink()
     if not link.exists():
-        link.symlink_to(REPO, target_is_directory=True)
-    if link.resolve() != REPO.resolve():
-        pytest.fail(f"{link} is not a link to this repository ({REPO}); move it away and rerun")
+        link.symlink_to(target, target_is_directory=True)
+    if link.resolve() != target.resolve():
+        pytest.fail(f"{link} is not a link to {target}; move it away and rerun")

@@ -1,4 +1,5 @@
-"""The package's shape: no import circle, the runtime never imports the lab, hosts never import each other."""
+"""The package's shape: no import circle, the runtime never imports the lab, hosts never import each other (shared
+host helpers import no host)."""
 
 import ast
 from pathlib import Path
@@ -81,10 +82,29 @@ def test_runtime_imports_nothing_from_the_lab(name):
         sorted(reached)
 
 
-@pytest.mark.parametrize("name", sorted(n for n in MODULES if n.startswith("adaptive_sampler.hosts.")))
+#: The host modules: each is one host's glue. The other modules under ``hosts/`` are shared helpers (what the
+#: A1111-family hosts share, what the ComfyUI-style backends share), which hosts may use and which use no host.
+HOSTS = {f"adaptive_sampler.hosts.{name}" for name in ("a1111", "comfyui", "forge")}
+SHARED = {n for n in MODULES if n.startswith("adaptive_sampler.hosts.") and n not in HOSTS}
+
+
+def test_every_host_module_is_known():
+    assert HOSTS <= set(MODULES), sorted(HOSTS - set(MODULES))
+
+
+@pytest.mark.parametrize("name", sorted(HOSTS))
 def test_a_host_needs_nothing_from_another_host(name):
-    others = {n for n in MODULES if n.startswith("adaptive_sampler.hosts.") and n != name}
-    assert not GRAPH[name] & others
+    assert not GRAPH[name] & (HOSTS - {name})
+
+
+@pytest.mark.parametrize("name", sorted(SHARED))
+def test_a_shared_host_helper_needs_no_host(name):
+    reached, todo = set(), [name]
+    while todo:
+        for dep in GRAPH[todo.pop()] - reached:
+            reached.add(dep)
+            todo.append(dep)
+    assert not reached & HOSTS, sorted(reached & HOSTS)
 
 
 def test_the_oracle_contract_imports_no_strategy():

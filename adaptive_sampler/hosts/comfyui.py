@@ -21,9 +21,10 @@ Mechanics. The node clones the MODEL and registers three of ComfyUI's model wrap
 Only samplers that evaluate the model exactly once per step, at the step's sigma, are adapted; any other sampler
 (heun, dpm_2, dpmpp_sde, uni_pc, ...) and any guider other than ComfyUI's CFGGuider runs unchanged, with one log
 line. A call whose sigma is not the next step's stops the adaptation for the rest of the run (full CFG, logged):
-never a wrong step count.
+never a wrong step count. That bookkeeping (which call is which step, NFE, the oracle's records) is
+:class:`~adaptive_sampler.hosts.backend.OracleRun`, shared with the Forge host, whose backend derives from ComfyUI's.
 
-The module is over 300 lines because it is the whole ComfyUI host (one module per host, needing no other).
+The module is over 300 lines because it is the whole ComfyUI host (its glue needs no other host).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from typing import Any, Callable
 import torch
 
 from .. import oracles as O
-from ..oracles import Decision, RunInfo, StepRecord, StepState
+from ..oracles import Decision
+from .backend import GUIDANCE_MODES, ONE_CALL_SAMPLERS, OracleRun, classify_function
 
 log = logging.getLogger(__name__)
 
@@ -47,33 +49,6 @@ KEY = "adaptive_sampler"
 RUN_KEY = "adaptive_sampler_run"
 
 MODES = O.HOST_MODES
-GUIDANCE_MODES = ("ag", "linear-ag", "ag+adaptive-diffusion")  # need ComfyUI's unconditional prediction
-
-#: k-diffusion sampler functions (ComfyUI's ``comfy.k_diffusion.sampling``) that call the model exactly once per
-#: step, at ``sigmas[i]``, and how they add noise: None (deterministic), "eta" (ancestral / SDE: noise when eta > 0
-#: and s_noise > 0), "s_noise" (noise when s_noise > 0), "always", "churn" (euler: s_churn > 0 moves the call to
-#: sigma_hat, which is not supported).
-ONE_CALL_SAMPLERS: dict[str, str | None] = {
-    "sample_euler": "churn",
-    "sample_euler_ancestral": "eta",
-    "sample_lms": None,
-    "sample_dpmpp_2m": None,
-    "sample_dpmpp_2m_sde": "eta",
-    "sample_dpmpp_2m_sde_gpu": "eta",
-    "sample_dpmpp_2m_sde_heun": "eta",
-    "sample_dpmpp_2m_sde_heun_gpu": "eta",
-    "sample_dpmpp_3m_sde": "eta",
-    "sample_dpmpp_3m_sde_gpu": "eta",
-    "sample_ddpm": "always",
-    "sample_lcm": "s_noise",
-    "sample_ipndm": None,
-    "sample_ipndm_v": None,
-    "sample_deis": None,
-    "sample_res_multistep": None,
-    "sample_res_multistep_ancestral": "eta",
-    "sample_er_sde": "s_noise",
-    "sample_gradient_estimation": None,
-}
 
 #: The samplers added to ComfyUI's KSampler list as ``<base>_adaptive``.
 ADAPTIVE_SAMPLERS = ("euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde")
@@ -159,17 +134,12 @@ def classify_sampler(sampler: Any) -> tuple[str, bool, str | None]:
         return type(sampler).__name__, False, "is not one of ComfyUI's k-diffusion samplers (KSAMPLER)"
     name = getattr(function, "adaptive_base", None) or getattr(function, "__name__", "?")
     options = dict(getattr(sampler, "extra_options", None) or {})
-    if name not in ONE_CALL_SAMPLERS:
-        return name, False, "does not evaluate the model exactly once per step"
-    kind = ONE_CALL_SAMPLERS[name]
-    if kind == "churn" and float(options.get("s_churn", 0.0)) > 0:
-        return name, True, "with s_churn > 0 evaluates the model at a raised sigma"
-    if options.get("cfg_pp"):
+    stochastic, reason = classify_function(name, eta=float(options.get("eta", 1.0)),
+                                           s_noise=float(options.get("s_noise", 1.0)),
+                                           s_churn=float(options.get("s_churn", 0.0)))
+    if reason is None and options.get("cfg_pp"):
         return name, False, "with cfg_pp needs the unconditional prediction at every step"
-    eta, s_noise = float(options.get("eta", 1.0)), float(options.get("s_noise", 1.0))
-    stochastic = {None: False, "churn": False, "always": True, "s_noise": s_noise > 0,
-                  "eta": eta > 0 and s_noise > 0}[kind]
-    return name, stochastic, None
+    return name, stochastic, reason
 
 
 def latent_fingerprint(samples: torch.Tensor) -> tuple:
@@ -219,65 +189,35 @@ class AdaptivePatch:
         return next((r for r in reversed(self.reports) if r.fingerprint == fp), None)
 
 
-class AdaptiveRun:
+class AdaptiveRun(OracleRun):
     """One sampling run under one oracle (created per run, dropped when the run ends)."""
 
     def __init__(self, settings: ComfySettings, sampler: str, sigmas: torch.Tensor, batch: int, cfg: float,
                  stochastic: bool, reason: str | None = None, cfg1: bool = False) -> None:
-        self.settings = settings
-        self.sampler = sampler
-        self.sigmas = [float(s) for s in sigmas.reshape(-1)]
-        self.steps = len(self.sigmas) - 1
-        self.batch = batch
-        self.stochastic = stochastic
-        self.rows_full = 1 if cfg1 else 2
-        self.cfg1 = cfg1
+        steps = sigmas.numel() - 1
         if reason is None and cfg1 and settings.mode in GUIDANCE_MODES:
             reason = "cfg is 1: ComfyUI evaluates no unconditional prediction, so there is no guidance to adapt"
-        if reason is None and settings.mode != "off" and self.steps < settings.min_steps:
-            reason = f"is a {self.steps}-step run, below min_steps ({settings.min_steps})"
+        if reason is None and settings.mode != "off" and steps < settings.min_steps:
+            reason = f"is a {steps}-step run, below min_steps ({settings.min_steps})"
+        super().__init__(settings.build_oracle() if reason is None else None, sampler, sigmas, batch, stochastic,
+                         rows_full=1 if cfg1 else 2)
+        self.settings = settings
         self.reason = reason
-        self.oracle = settings.build_oracle() if reason is None and self.steps >= 1 else None
-        self.stopped: str | None = None
-        self.next_index = 0
-        self.nfe = 0
-        self.schedule: list[str] = []
         self.capturing = False
         self.captured: list[torch.Tensor] | None = None
-        if self.oracle is not None:
-            self.oracle.reset(RunInfo(sampler=sampler, sigmas=tuple(self.sigmas), batch_size=batch,
-                                      stochastic=stochastic))
-
-    @property
-    def active(self) -> bool:
-        return self.oracle is not None and self.stopped is None
-
-    def stop(self, reason: str) -> None:
-        self.stopped = f"adaptation stopped at step {self.next_index}: {reason}; the rest ran unchanged (full CFG)"
-        log.warning("Adaptive Sampling: %s", self.stopped)
 
     # -- one model call -----------------------------------------------------------------------------------------
     def predict(self, executor: Any, x: torch.Tensor, timestep: torch.Tensor, model_options: dict, seed: Any) -> torch.Tensor:
-        if self.active:
-            s = float(timestep.reshape(-1)[0])
-            i = self.next_index
-            if i >= self.steps:
-                self.stop(f"the sampler called the model again after its {self.steps} steps (sigma {s:.4g})")
-            elif not (math.isclose(s, self.sigmas[i], rel_tol=1e-4, abs_tol=1e-7)
-                      or (i == 0 and self.sigmas[1] < s < self.sigmas[0])):  # flow models offset the first sigma
-                self.stop(f"the sampler called the model at sigma {s:.4g}, but step {i} is at {self.sigmas[i]:.4g}")
-        if not self.active:
-            self.nfe += self.rows_full
-            if self.oracle is not None:
-                self.schedule.append(Decision.FULL.value)
+        s = float(timestep.reshape(-1)[0])
+        i = self.next_step(s)
+        if i is None:
+            self.unchanged()
             return executor(x, timestep, model_options, seed)
-        self.next_index += 1
         return self._step(i, s, executor, x, timestep, model_options, seed)
 
     def _step(self, i: int, s: float, executor: Any, x: torch.Tensor, timestep: torch.Tensor, model_options: dict,
               seed: Any) -> torch.Tensor:
-        state = StepState(index=i, total=self.steps, sigma=s, x=x)
-        decision = self.oracle.decide(state)
+        state, decision = self.begin(i, s, x)
         wasted, fallback_from = 0, None
         if decision is Decision.CACHED:
             denoised, cond, uncond = self.oracle.cached_denoised(state).to(x.dtype), None, None
@@ -289,27 +229,18 @@ class AdaptiveRun:
             denoised, cond, uncond = self._full(executor, x, timestep, model_options, seed)
         if not torch.isfinite(denoised).all():
             if decision is Decision.FULL:  # ComfyUI's own result: pass it on, but never cache or regress on it
-                self.nfe += self.rows_full
-                self.schedule.append(decision.value)
+                self.count(decision)
                 self.stop(f"ComfyUI's full-CFG prediction at step {i} is NaN/inf")
                 return denoised
-            wasted, fallback_from, decision = self._rows(decision), decision, Decision.FULL
+            wasted, fallback_from, decision = self.rows(decision), decision, Decision.FULL
             denoised, cond, uncond = self._full(executor, x, timestep, model_options, seed)
         if decision is Decision.FULL and self.settings.mode in GUIDANCE_MODES and uncond is None:
-            self.nfe += wasted + self.rows_full
-            self.schedule.append(decision.value)
+            self.count(decision, wasted)
             self.stop("ComfyUI's conditional and unconditional predictions could not be observed "
                       "(a custom sampler_calc_cond_batch_function?), which the guidance test needs")
             return denoised
-        self.nfe += wasted + self._rows(decision)
-        self.schedule.append(decision.value)
-        eps = (x - denoised) / s
-        self.oracle.record(StepRecord(index=i, decision=decision, sigma=s, x=x, denoised=denoised, eps=eps,
-                                      cond=cond, uncond=uncond), wasted_nfe=wasted, fallback_from=fallback_from)
+        self.finish(state, decision, denoised, cond, uncond, wasted, fallback_from)
         return denoised
-
-    def _rows(self, decision: Decision) -> int:
-        return self.rows_full if decision is Decision.FULL else decision.nfe
 
     def _capture(self, call: Callable[[], Any]) -> tuple[Any, list[torch.Tensor] | None]:
         self.capturing, self.captured = True, None
@@ -359,12 +290,9 @@ class AdaptiveRun:
         if self.reason:
             notes.append(f"{self.sampler} {self.reason}; ran unchanged (full CFG)"
                          if not self.reason.startswith("cfg") else f"{self.reason}; ran unchanged")
-        if self.stopped:
-            notes.append(self.stopped)
-        if self.oracle is not None:
-            notes.extend(f"step {i}: {why}" for i, why in self.oracle.overrides)
+        notes.extend(self.notes())
         adapting = self.oracle is not None
-        nfe_full = self.steps * self.rows_full if adapting else self.nfe
+        nfe_full = self.nfe_full if adapting else self.nfe
         fp = latent_fingerprint(output) if isinstance(output, torch.Tensor) and not output.is_nested else ()
         return RunReport(sampler=self.sampler, mode=self.settings.describe() if adapting or self.reason else "off",
                          steps=self.steps, batch=self.batch, stochastic=self.stochastic, nfe=self.nfe,
