@@ -1,8 +1,18 @@
 """Helpers shared by the real-host integration suites (tests/webui, tests/forge, tests/comfyui)."""
 
+import base64
+import io
+import json
 import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator, Mapping, Sequence
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,3 +33,66 @@ def link_to_this_repository(link: Path, target: Path = REPO) -> None:
         link.symlink_to(target, target_is_directory=True)
     if link.resolve() != target.resolve():
         pytest.fail(f"{link} is not a link to {target}; move it away and rerun")
+
+
+@contextmanager
+def running_server(name: str, command: Sequence[str], cwd: Path, log_path: Path, ready_url: str,
+                   env: Mapping[str, str] | None = None, poll_s: float = 3.0) -> Iterator[None]:
+    """Start a host with its output in ``log_path``, wait (up to 10 minutes) until ``ready_url`` answers, and stop
+    it afterwards; a host that exits or never answers fails the suite, naming its log."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(list(command), cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                                env=None if env is None else dict(env))
+        try:
+            deadline = time.time() + 600
+            while time.time() < deadline:
+                if proc.poll() is not None:
+                    pytest.fail(f"{name} exited with {proc.returncode}; see {log_path}")
+                try:
+                    urllib.request.urlopen(ready_url, timeout=5)
+                    break
+                except (urllib.error.URLError, ConnectionError, TimeoutError):
+                    time.sleep(poll_s)
+            else:
+                pytest.fail(f"{name} did not answer within 10 minutes; see {log_path}")
+            yield
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+# -- the A1111-family HTTP API (A1111 and Forge) ----------------------------------------------------------------------
+def call(url, path, payload=None, expect_error=False):
+    """POST (or GET without ``payload``) a JSON API call; with ``expect_error`` returns (status, body) of the HTTP
+    error it must produce."""
+    data = None if payload is None else json.dumps(payload).encode()
+    req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=1800) as r:
+            body = json.loads(r.read())
+            assert not expect_error, f"expected an HTTP error, got {body.get('info', body)}"
+            return body
+    except urllib.error.HTTPError as e:
+        if expect_error:
+            return e.code, e.read().decode()
+        raise AssertionError(f"HTTP {e.code}: {e.read().decode()[:2000]}") from None
+
+
+def decode(b64):
+    """A base64 PNG from the API as an RGB array."""
+    from PIL import Image
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+def fields(infotext):
+    """The ``key: value`` fields of an infotext's last line."""
+    last = infotext.strip().split("\n")[-1]
+    out = {}
+    for part in last.split(", "):
+        if ": " in part:
+            k, v = part.split(": ", 1)
+            out[k.strip()] = v.strip().strip('"')
+    return out

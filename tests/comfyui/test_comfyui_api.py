@@ -14,7 +14,6 @@ import json
 import math
 import os
 import shlex
-import subprocess
 import tempfile
 import time
 import urllib.error
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from host_suite import free_port, link_to_this_repository
+from host_suite import free_port, link_to_this_repository, running_server
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set: no real ComfyUI to test against")
@@ -57,29 +56,10 @@ def server():
             "--database-url", f"sqlite:///{tmp.name}/comfyui.db", "--output-directory", f"{tmp.name}/output"]
     args += shlex.split(os.environ.get("COMFYUI_ARGS", ""))
     log_path = HERE / "comfyui_server.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen([python, *args], cwd=root, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"ComfyUI exited with {proc.returncode}; see {log_path}")
-        try:
-            urllib.request.urlopen(url + "/system_stats", timeout=5)
-            break
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(2)
-    else:
-        proc.terminate()
-        pytest.fail("ComfyUI did not answer within 10 minutes")
-    yield {"url": url, "ckpt": ckpt, "log": log_path}
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    with running_server("ComfyUI", [python, *args], root, log_path, url + "/system_stats",
+                        env={**os.environ, "HF_HUB_OFFLINE": "1"}, poll_s=2):
+        yield {"url": url, "ckpt": ckpt, "log": log_path}
     tmp.cleanup()
     if RESULTS:
         (HERE / "comfyui_results.json").write_text(json.dumps(RESULTS, indent=1))

@@ -14,10 +14,6 @@ import io
 import json
 import os
 import shlex
-import subprocess
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +22,7 @@ import pytest
 from adaptive_sampler import oracles as O
 from adaptive_sampler.hosts.webui_common import AdaptiveSettings
 from adaptive_sampler.oracles.forecast import computed_steps
-from host_suite import free_port, link_to_this_repository
+from host_suite import call, decode, fields, free_port, link_to_this_repository, running_server
 
 FORGE_DIR = os.environ.get("FORGE_DIR")
 pytestmark = pytest.mark.skipif(not FORGE_DIR, reason="FORGE_DIR is not set: no real Forge Neo to test against")
@@ -62,43 +58,10 @@ def server():
     args = ["--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--skip-python-version-check",
             "--skip-version-check", "--cpu", "--server-name", "127.0.0.1", "--port", str(port), "--api", "--nowebui"]
     args += shlex.split(os.environ.get("FORGE_ARGS", ""))
-    log = open(REPO / "tests" / "forge" / "forge_server.log", "w")
-    proc = subprocess.Popen([python, "launch.py", *args], cwd=root, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"Forge exited with {proc.returncode}; see tests/forge/forge_server.log")
-        try:
-            urllib.request.urlopen(url + "/sdapi/v1/samplers", timeout=5)
-            break
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(3)
-    else:
-        proc.terminate()
-        pytest.fail("Forge did not answer within 10 minutes")
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
-
-
-def call(url, path, payload=None, expect_error=False):
-    data = None if payload is None else json.dumps(payload).encode()
-    req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=1800) as r:
-            body = json.loads(r.read())
-            assert not expect_error, f"expected an HTTP error, got {body.get('info', body)}"
-            return body
-    except urllib.error.HTTPError as e:
-        if expect_error:
-            return e.code, e.read().decode()
-        raise AssertionError(f"HTTP {e.code}: {e.read().decode()[:2000]}") from None
+    with running_server("Forge", [python, "launch.py", *args], root, REPO / "tests" / "forge" / "forge_server.log",
+                        url + "/sdapi/v1/samplers", env={**os.environ, "HF_HUB_OFFLINE": "1"}):
+        yield url
 
 
 def txt2img(url, **kw):
@@ -115,21 +78,6 @@ def img2img(url, **kw):
     body = call(url, "/sdapi/v1/img2img", {**BASE, "init_images": [base64.b64encode(buf.getvalue()).decode()],
                                            "sampler_name": "Euler Adaptive", **kw})
     return fields(json.loads(body["info"])["infotexts"][0])
-
-
-def decode(b64):
-    from PIL import Image
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
-
-
-def fields(infotext):
-    last = infotext.strip().split("\n")[-1]
-    out = {}
-    for part in last.split(", "):
-        if ": " in part:
-            k, v = part.split(": ", 1)
-            out[k.strip()] = v.strip().strip('"')
-    return out
 
 
 def nfe(f):

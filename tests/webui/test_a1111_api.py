@@ -12,16 +12,12 @@ import io
 import json
 import os
 import shlex
-import subprocess
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from host_suite import free_port, link_to_this_repository
+from host_suite import call, decode, fields, free_port, link_to_this_repository, running_server
 
 A1111_DIR = os.environ.get("A1111_DIR")
 pytestmark = pytest.mark.skipif(not A1111_DIR, reason="A1111_DIR is not set: no real A1111 to test against")
@@ -50,63 +46,16 @@ def server():
             "--use-cpu", "all", "--no-half", "--precision", "full", "--no-download-sd-model",
             "--server-name", "127.0.0.1", "--port", str(port), "--api", "--nowebui"]
     args += shlex.split(os.environ.get("A1111_ARGS", ""))
-    log = open(REPO / "tests" / "webui" / "a1111_server.log", "w")
-    proc = subprocess.Popen([python, "launch.py", *args], cwd=root, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"A1111 exited with {proc.returncode}; see tests/webui/a1111_server.log")
-        try:
-            urllib.request.urlopen(url + "/sdapi/v1/samplers", timeout=5)
-            break
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(3)
-    else:
-        proc.terminate()
-        pytest.fail("A1111 did not answer within 10 minutes")
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
-
-
-def call(url, path, payload=None, expect_error=False):
-    data = None if payload is None else json.dumps(payload).encode()
-    req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=1800) as r:
-            body = json.loads(r.read())
-            assert not expect_error, f"expected an HTTP error, got {body.get('info', body)}"
-            return body
-    except urllib.error.HTTPError as e:
-        if expect_error:
-            return e.code, e.read().decode()
-        raise AssertionError(f"HTTP {e.code}: {e.read().decode()[:2000]}") from None
+    with running_server("A1111", [python, "launch.py", *args], root, REPO / "tests" / "webui" / "a1111_server.log",
+                        url + "/sdapi/v1/samplers"):
+        yield url
 
 
 def txt2img(url, **kw):
     body = call(url, "/sdapi/v1/txt2img", {**BASE, **kw})
     info = json.loads(body["info"])
     return [decode(b) for b in body["images"]], info["infotexts"]
-
-
-def decode(b64):
-    from PIL import Image
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
-
-
-def fields(infotext):
-    last = infotext.strip().split("\n")[-1]
-    out = {}
-    for part in last.split(", "):
-        if ": " in part:
-            k, v = part.split(": ", 1)
-            out[k.strip()] = v.strip().strip('"')
-    return out
 
 
 def adaptive_args(enable=True, mode="forecast", ag_threshold=0.991, ag_space="x0", ad_threshold=0.01, max_skips=4,
