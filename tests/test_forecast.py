@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from adaptive_sampler import oracles as O
-from adaptive_sampler.oracles.forecast import Forecast, computed_steps, extrapolate
+from adaptive_sampler.oracles.forecast import Forecast, alternate_then_tail, computed_steps, extrapolate, placement_positions
+from adaptive_sampler.oracles.x0_forecast import X0Ensemble, chebyshev_weights, linear_weights, spectral_weights
 from adaptive_sampler.oracles import Decision
 
 from conftest import CountingModel
@@ -71,7 +72,9 @@ class Probe(Forecast):
 
     def _observe(self, record):
         super()._observe(record)
-        self.seen = (record, self._history[-1][1]) if record.decision is not Decision.CACHED else self.seen
+        if record.decision is not Decision.CACHED:
+            stored = self._ensemble.values[-1] if self._ensemble is not None else self._history[-1][1]
+            self.seen = (record, stored)
 
 
 @pytest.mark.parametrize("stochastic,space", [(False, "eps"), (True, "x0")])
@@ -88,7 +91,8 @@ def test_auto_space_is_eps_on_deterministic_and_x0_on_stochastic_runs(stochastic
     record, stored = oracle.seen
     expected = record.denoised if space == "x0" else record.eps
     assert torch.allclose(stored, expected)
-    assert oracle._history.maxlen == (1 if space == "x0" else 3)  # x0 reused, eps extrapolated by a quadratic
+    # eps extrapolated by a quadratic; x0 forecast by the per-image ensemble
+    assert (oracle._ensemble is not None) == (space == "x0") and oracle._history.maxlen == 3
 
 
 @pytest.mark.parametrize("level", list(O.LEVELS))
@@ -139,9 +143,74 @@ def test_rho_placement_is_even_on_a_karras_schedule_and_computes_more_late_steps
     assert len(late) == 10 and sum(1 for j in late if j >= 15) > sum(1 for j in computed_steps(20, 0.5, 2) if j >= 15)
 
 
+def test_x0_weight_placement_computes_more_of_the_steps_that_give_x0_most_weight():
+    sigmas = [float(s) for s in torch.linspace(14.6, 0.03, 20)] + [0.0]  # the last steps cut sigma the most
+    positions = placement_positions("x0-weight", sigmas, 20)
+    weights = [b - a for a, b in zip(positions, positions[1:])]
+    assert weights == pytest.approx([1 - (sigmas[j + 1] / sigmas[j]) ** 2 for j in range(19)])
+    plan = computed_steps(20, 0.5, 2, sigmas, placement="x0-weight")
+    assert len(plan) == 10 and sum(1 for j in plan if j >= 15) > sum(1 for j in computed_steps(20, 0.5, 2) if j >= 15)
+
+
+@pytest.mark.parametrize("warmup", [1, 2, 3])
+def test_above_half_the_x0_weight_placement_isolates_every_skipped_step_and_computes_a_tail(warmup):
+    for steps in range(4, 41):
+        sigmas = [float(s) for s in torch.linspace(14.6, 0.03, steps)] + [0.0]
+        for total in range(steps // 2 + 1, steps):
+            plan = computed_steps(steps, total / steps, warmup, sigmas, placement="x0-weight")
+            assert len(plan) == max(total, warmup + 1) and set(range(warmup)) | {steps - 1} <= plan
+            if alternate_then_tail(steps, total, warmup) is not None:
+                assert not any(j not in plan and j + 1 not in plan for j in range(steps - 1))
+                tail = max(j for j in range(steps) if j not in plan) + 1
+                assert set(range(tail, steps)) <= plan
+
+
+def test_forecast_weights_linear_through_the_last_two_and_spectrum_s_blend_with_its_chebyshev_fit():
+    times = [0, 2, 4, 6, 8, 10, 12, 14]
+    index = torch.tensor(times, dtype=torch.float64)
+    for at in (15, 16, 18):
+        line = linear_weights(times, at)
+        assert float(line.sum()) == pytest.approx(1.0) and float(line @ index) == pytest.approx(at)
+        cubic = lambda t: 1 - t / 20 + (t / 20) ** 3
+        assert float(chebyshev_weights(times, at, 20, ridge=0.0) @ cubic(index)) == pytest.approx(cubic(at))
+        assert torch.allclose(spectral_weights(times, at, 20),
+                              0.75 * line + 0.25 * chebyshev_weights(times, at, 20, ridge=0.5))
+    assert linear_weights([3], 5).tolist() == [1.0]
+
+
+def _ensemble_after(trajectories, times, at):
+    """An ensemble fed per-image x0 trajectories (callables of the step index) at ``times``; its forecast at ``at``."""
+    ensemble = X0Ensemble(steps=20)
+    for t in times:
+        ensemble.observe(t, torch.stack([f(t) for f in trajectories]))
+    return ensemble.forecast(at)
+
+
+def test_the_ensemble_weights_each_image_by_its_own_forecast_errors_and_ignores_the_batch():
+    base = torch.randn(1, 4, 4)
+    constant = lambda t: base  # reuse is exact
+    moving = lambda t: base + 0.1 * t  # linear is exact
+    times = [0, 1, 3, 5, 7, 9]
+    both = _ensemble_after([constant, moving], times, 11)
+    assert torch.allclose(both[0], base, atol=1e-3)  # the exact forecast dominates each row
+    assert torch.allclose(both[1], moving(11), atol=1e-3)
+    for row, trajectory in enumerate((constant, moving)):
+        alone = _ensemble_after([trajectory], times, 11)
+        assert torch.equal(alone[0], both[row])
+
+
+def test_the_ensemble_reuses_the_last_x0_until_a_forecast_has_been_scored():
+    ensemble = X0Ensemble(steps=10)
+    first = torch.randn(2, 1, 4, 4)
+    ensemble.observe(0, first)
+    assert torch.equal(ensemble.forecast(1), first)
+    ensemble.clear()
+    assert not ensemble
+
+
 @pytest.mark.parametrize("stochastic,sampler,placement", [(False, "euler", "rho"), (False, "dpmpp_2m", "rho"),
-                                                          (True, "euler_ancestral", "index"),
-                                                          (True, "dpmpp_2m_sde", "log-sigma")])
+                                                          (True, "euler_ancestral", "x0-weight"),
+                                                          (True, "dpmpp_2m_sde", "x0-weight")])
 def test_auto_placement(stochastic, sampler, placement):
     import k_diffusion as K
     sigmas = tuple(float(s) for s in K.sampling.get_sigmas_karras(20, 0.03, 14.6))

@@ -3,8 +3,8 @@
 * :class:`SpectrumRule` - Forge Neo's built-in "Spectrum Integrated" (``extensions-builtin/sd_forge_spectrum`` of
   Haoming02/sd-webui-forge-classic) with its UI defaults: ``warmup_steps`` 6, cache window 2 (alternate compute /
   forecast), window growth 0, the steps from ``stop_caching_step`` 0.9 on computed; a skipped step's denoised output
-  is ``(1 - w) * linear extrapolation + w * Chebyshev ridge fit`` (w 0.25, degree 6, ridge 0.5, the last
-  ``max(degree + 2, 8)`` computed outputs), over the step index. Forge forecasts each CFG branch's denoised output
+  is ``(1 - w) * linear extrapolation + w * Chebyshev ridge fit`` (w 0.25, degree 6, ridge 0.5, the last 8 computed
+  outputs), over the step index: :func:`~adaptive_sampler.oracles.x0_forecast.spectral_weights`. Forge forecasts each CFG branch's denoised output
   and then combines them; both forecasts are linear in the stored outputs, so forecasting the guided output is the
   same.
 * :class:`OutputChangeCache` - ComfyUI core's ``LazyCache`` (``comfy_extras/nodes_easycache.py``; guided output,
@@ -21,6 +21,7 @@ import math
 import torch
 
 from ..oracles.base import Decision, Oracle, RunInfo, StepRecord, StepState
+from ..oracles.x0_forecast import SPECTRAL_MEMORY, combine, spectral_weights
 
 __all__ = ["SpectrumRule", "OutputChangeCache", "spectrum_plan"]
 
@@ -42,16 +43,14 @@ class SpectrumRule(Oracle):
 
     name = "spectrum"
 
-    def __init__(self, w: float = 0.25, degree: int = 6, ridge: float = 0.5, warmup: int = 6, window: int = 2,
-                 stop: float = 0.9) -> None:
+    def __init__(self, warmup: int = 6, window: int = 2, stop: float = 0.9) -> None:
         super().__init__()
-        self.w, self.degree, self.ridge = w, degree, ridge
         self.warmup, self.window, self.stop = warmup, window, stop
         self.plan: frozenset[int] = frozenset()
         self._buffer: list[tuple[int, torch.Tensor]] = []
 
     def __repr__(self) -> str:
-        return f"SpectrumRule(w={self.w}, degree={self.degree}, ridge={self.ridge}, warmup={self.warmup})"
+        return f"SpectrumRule(warmup={self.warmup}, window={self.window}, stop={self.stop})"
 
     def _begin(self, run: RunInfo) -> None:
         self.plan = spectrum_plan(run.steps, self.warmup, self.window, self.stop)
@@ -65,31 +64,11 @@ class SpectrumRule(Oracle):
 
     def _observe(self, record: StepRecord) -> None:
         if record.decision is not Decision.CACHED:
-            self._buffer = (self._buffer + [(record.index, record.denoised.float())])[-max(self.degree + 2, 8):]
-
-    def _taus(self, index: int) -> float:
-        return index / self.run.steps * 2.0 - 1.0
-
-    def _design(self, taus: torch.Tensor) -> torch.Tensor:
-        columns = [torch.ones_like(taus), taus]
-        for _ in range(2, self.degree + 1):
-            columns.append(2 * taus * columns[-1] - columns[-2])
-        return torch.stack(columns[:self.degree + 1], dim=1)
+            self._buffer = (self._buffer + [(record.index, record.denoised.float())])[-SPECTRAL_MEMORY:]
 
     def cached_denoised(self, state: StepState) -> torch.Tensor:
         times = [t for t, _ in self._buffer]
-        values = torch.stack([v.flatten() for _, v in self._buffer])
-        design = self._design(torch.tensor([self._taus(t) for t in times]))
-        gram = design.T @ design + self.ridge * torch.eye(self.degree + 1)
-        coef = torch.linalg.solve(gram, design.T @ values)
-        chebyshev = (self._design(torch.tensor([self._taus(state.index)])) @ coef).squeeze(0)
-        last = values[-1]
-        if len(times) >= 2:
-            k = (state.index - times[-1]) / (times[-1] - times[-2])
-            linear = last + k * (last - values[-2])
-        else:
-            linear = last
-        return ((1 - self.w) * linear + self.w * chebyshev).view_as(self._buffer[-1][1])
+        return combine(spectral_weights(times, state.index, self.run.steps), [v for _, v in self._buffer])
 
 
 class OutputChangeCache(Oracle):

@@ -6,16 +6,20 @@ whose eps is *extrapolated* from the last computed ones turns the pair of steps 
 like) update along the probability-flow ODE ``dx/dsigma = eps``: its error shrinks with a higher power of the step.
 
 Stochastic samplers (Euler a, DPM++ SDE, DDIM with eta > 0) add fresh noise after every step, so an extrapolated
-*eps* would replay noise the sampler has replaced: there the last computed denoised prediction (x0) is reused, and
-the sampler forms eps from the current latent and draws its own noise.
+*eps* would replay noise the sampler has replaced: there the denoised prediction (x0) is forecast, and the sampler
+forms eps from the current latent and draws its own noise. Which x0 forecast is best varies with the image, the
+sampler, the schedule and the guidance scale (reuse wins at high scales, extrapolation on smooth trajectories), and
+every computed step tells, for free, how well each would have done: :class:`X0Ensemble` mixes three forecasts per
+image, weighted by their observed errors.
 
 :class:`Forecast` spends ``budget`` of full CFG's NFE: it computes (full CFG) the first ``warmup`` steps, the last
 step (on samplers that end at sigma = 0 its prediction *is* the output) and steps spread evenly in between. On
 deterministic runs "evenly" is in ``sigma ** (1 / 7)``, the variable in which Karras et al.'s schedule spaces its
 steps to spread the discretisation error: a forecast's error grows with the same step sizes, so a model's own
 schedule (uniform in timestep, with long last steps) gets more of its late steps computed and a Karras schedule gets
-an even spread. On stochastic runs, where skipped steps reuse x0, the spread is in step index (in log sigma for the
-DPM-Solver++ family, which steps in log sigma). See the README's method notes for the measurements.
+an even spread. On stochastic runs the spread is even in the cumulative weight that each step's update gives its x0
+prediction, ``1 - (sigma_next / sigma) ** 2`` for an eta-1 step: a forecast x0 does the more harm the more of it
+enters the latent. See the README's method notes for the measurements.
 
 One knob, ``level``, sets the budget for the sampler at hand (:data:`LEVELS`): stochastic samplers need more computed
 steps than deterministic ones for the same fidelity, and the DPM++ SDE samplers more again.
@@ -30,6 +34,7 @@ from typing import Sequence
 import torch
 
 from .base import Decision, Oracle, RunInfo, StepRecord, StepState, _check_int, _check_real
+from .x0_forecast import X0Ensemble
 
 
 def integrates_in_log_sigma(sampler: str) -> bool:
@@ -76,6 +81,20 @@ DEFAULT_LEVEL = "balanced"
 PLACEMENT_SCALES = {"log-sigma": lambda s: -math.log(s), "rho": lambda s: -s ** (1 / 7)}
 
 
+def placement_positions(placement: str, sigmas: Sequence[float], steps: int) -> list[float]:
+    """Each step's position on the axis along which computed steps are spread evenly: a :data:`PLACEMENT_SCALES`
+    function of its sigma, or (``"x0-weight"``) the summed weight ``1 - (sigma_next / sigma) ** 2`` that the steps
+    before it gave their x0 prediction (the weight of an eta-1 ancestral or SDE step)."""
+    if placement == "x0-weight":
+        positions, total = [], 0.0
+        for j in range(steps):
+            positions.append(total)
+            total += 1.0 - (sigmas[j + 1] / sigmas[j]) ** 2
+        return positions
+    scale = PLACEMENT_SCALES[placement]
+    return [scale(s) for s in sigmas[:steps]]
+
+
 def level_budget(level: str, stochastic: bool, dpm_solver: bool) -> float:
     """The budget a quality level spends on a sampler (see :data:`LEVELS`)."""
     deterministic, other, sde = LEVELS[level]
@@ -85,11 +104,13 @@ def level_budget(level: str, stochastic: bool, dpm_solver: bool) -> float:
 def computed_steps(steps: int, budget: float, warmup: int, sigmas: Sequence[float] = (),
                    placement: str = "log-sigma") -> frozenset[int]:
     """The steps a budget computes: warm-up, the last step, and the rest spread over the middle steps - evenly in
-    step index, or, when ``sigmas`` (the run's schedule) is given, evenly in log sigma (``placement="log-sigma"``)
-    or in ``sigma ** (1 / 7)`` (``placement="rho"``). In step index the minority is
+    step index, or, when ``sigmas`` (the run's schedule) is given, evenly along a :func:`placement_positions` axis
+    (``"log-sigma"``, ``"rho"`` or ``"x0-weight"``). In step index the minority is
     spread: the computed steps when the budget is at most half of them, the skipped steps above that (measured: at
     63-70% this keeps every skipped step between two computed ones and gains 1-10 dB over spreading the computed
-    steps, README method notes).
+    steps, README method notes). With ``"x0-weight"`` and a budget above half, every skipped step sits between two
+    computed ones from the warm-up on (one step to forecast across), and the computed steps left over close the run,
+    as Forge's Spectrum places its steps (measured on stochastic samplers: README method notes).
 
     A run too short for the budget (fewer than ``warmup + 1`` computed steps) still computes the warm-up and the
     last step: forecasting from nothing would be a guess. :class:`Forecast` reports such runs in its overrides.
@@ -99,9 +120,12 @@ def computed_steps(steps: int, budget: float, warmup: int, sigmas: Sequence[floa
         return frozenset(range(steps))
     middle = list(range(warmup, steps - 1))
     extra = total - warmup - 1
+    if sigmas and placement == "x0-weight" and 2 * total > steps:
+        alternating = alternate_then_tail(steps, total, warmup)
+        if alternating is not None:
+            return alternating
     if sigmas:
-        scale = PLACEMENT_SCALES[placement]
-        lam = [scale(s) for s in sigmas[:steps]]
+        lam = placement_positions(placement, sigmas, steps)
         lo, hi = lam[warmup - 1], lam[steps - 1]
         position = {j: (lam[j] - lo) / (hi - lo) for j in middle}
         chosen: set[int] = set()
@@ -115,6 +139,19 @@ def computed_steps(steps: int, budget: float, warmup: int, sigmas: Sequence[floa
     return frozenset(range(warmup)) | {steps - 1} | chosen
 
 
+def alternate_then_tail(steps: int, total: int, warmup: int) -> frozenset[int] | None:
+    """``total`` computed steps of ``steps``: the warm-up, then skip / compute in turn, then a computed tail; None
+    when even a tail of one step leaves too few computed steps for skipping every other one."""
+    for tail in range(1, steps - warmup + 1):
+        middle = steps - warmup - tail
+        if warmup + tail + middle // 2 == total:
+            return frozenset(range(warmup)) | set(range(steps - tail, steps)) | {warmup + 1 + 2 * i
+                                                                                 for i in range(middle // 2)}
+        if warmup + tail + middle // 2 > total:
+            return None
+    return None
+
+
 class Forecast(Oracle):
     """Full CFG on a fixed budget of steps; the other steps are CACHED with a forecast prediction (no network call).
 
@@ -125,16 +162,18 @@ class Forecast(Oracle):
     noise prediction: a multistep update along the ODE), ``"x0"`` (the denoised prediction: the sampler forms eps from
     the current latent, so noise a stochastic sampler added since the last computed step is kept, not replayed) or
     ``"auto"``: eps on deterministic runs, x0 on stochastic ones. ``order``: 0 (reuse the last computed value), 1
-    (linear) or 2 (quadratic); ``None``: 2 for eps, 0 for x0. ``placement`` of the computed steps: ``"index"``
-    (spread in step index), ``"log-sigma"`` or ``"rho"`` (evenly in log sigma or in ``sigma ** (1 / 7)``; both need
-    the run's sigmas) or ``"auto"``: rho on deterministic runs; on stochastic ones log sigma for the DPM-Solver++
-    family, step index otherwise. Every ``auto`` choice was measured (README, method notes). The plan depends only
-    on the run's sampler, schedule and steps, never on the images: an image is the same whatever batch it is in.
+    (linear) or 2 (quadratic) Lagrange extrapolation in sigma; ``None``: quadratic for eps, and for x0 the per-image
+    error-weighted mix of :class:`~.x0_forecast.X0Ensemble`. ``placement`` of the computed steps: ``"index"``
+    (spread in step index), ``"log-sigma"``, ``"rho"`` or ``"x0-weight"`` (evenly in log sigma, in
+    ``sigma ** (1 / 7)`` or in the summed x0 weight of the steps, see :func:`placement_positions`; these need the
+    run's sigmas) or ``"auto"``: rho on deterministic runs, x0-weight on stochastic ones. Every ``auto`` choice was
+    measured (README, method notes). The plan depends only on the run's sampler, schedule and steps, and each
+    image's forecast only on its own predictions: an image is the same whatever batch it is in.
     """
 
     name = "forecast"
     SPACES = ("auto", "eps", "x0")
-    PLACEMENTS = ("auto", "index", "log-sigma", "rho")
+    PLACEMENTS = ("auto", "index", "log-sigma", "rho", "x0-weight")
 
     def __init__(self, budget: float | None = None, order: int | None = None, warmup: int = 2, space: str = "auto",
                  placement: str = "auto", level: str = DEFAULT_LEVEL) -> None:
@@ -161,6 +200,7 @@ class Forecast(Oracle):
         self.plan: frozenset[int] = frozenset()
         self._space = "eps"
         self._history: deque[tuple[float, torch.Tensor]] = deque(maxlen=3)
+        self._ensemble: X0Ensemble | None = None
         self._forecast: torch.Tensor | None = None
 
     def __repr__(self) -> str:
@@ -171,8 +211,8 @@ class Forecast(Oracle):
         dpm_solver = integrates_in_log_sigma(run.sampler)
         placement = self.placement
         if placement == "auto":
-            placement = "index" if run.stochastic and not dpm_solver else "log-sigma" if run.stochastic else "rho"
-        if placement != "index" and not (run.sigmas and all(s > 0 for s in run.sigmas[:run.steps])):
+            placement = "x0-weight" if run.stochastic else "rho"
+        if placement != "index" and not (len(run.sigmas) > run.steps and all(s > 0 for s in run.sigmas[:run.steps])):
             if self.placement != "auto":
                 raise ValueError(f"placement {placement!r} needs the run's sigmas (positive up to the last step)")
             placement = "index"
@@ -189,18 +229,22 @@ class Forecast(Oracle):
             self.overrides.append((0, f"budget {budget} raised to {len(self.plan)}/{run.steps} computed steps: "
                                       f"a {run.steps}-step run needs warm-up ({self.warmup}) and the last step"))
         self._space = ("x0" if run.stochastic else "eps") if self.space == "auto" else self.space
-        order = self.order if self.order is not None else (0 if self._space == "x0" else 2)
-        self._history = deque(maxlen=order + 1)
+        self._ensemble = X0Ensemble(run.steps) if self._space == "x0" and self.order is None else None
+        self._history = deque(maxlen=(self.order if self.order is not None else 2) + 1)
         self._forecast = None
 
     def _conditioning_changed(self, state: StepState) -> None:
         self._history.clear()
+        if self._ensemble is not None:
+            self._ensemble.clear()
 
     def _decide(self, state: StepState) -> Decision:
         self._forecast = None
         if state.index in self.plan:
             return Decision.FULL
-        if self._history:
+        if self._ensemble:
+            self._forecast = self._ensemble.forecast(state.index)
+        elif self._history:
             points = list(self._history)
             self._forecast = points[-1][1] if len(points) == 1 else extrapolate(points, state.sigma)
         return Decision.CACHED
@@ -212,6 +256,10 @@ class Forecast(Oracle):
         return from_space(self._space, self._forecast, state.x.float(), state.sigma)
 
     def _observe(self, record: StepRecord) -> None:
-        if record.decision is not Decision.CACHED:
+        if record.decision is Decision.CACHED:
+            return
+        if self._ensemble is not None:
+            self._ensemble.observe(record.index, record.denoised)
+        else:
             self._history.append((record.sigma, to_space(self._space, record.denoised.float(), record.x.float(),
                                                          record.sigma)))
