@@ -7,6 +7,7 @@ call when both are tensors), combines them, checks the result is finite and repo
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 from typing import Any, Callable, Mapping
@@ -141,6 +142,14 @@ class KDiffusionBackend:
     def conditioning_changed(self, index: int) -> bool:
         return bool(self._conditioning_changed(index)) if self._conditioning_changed and index > 0 else False
 
+    def rows(self, index: torch.Tensor, batch: int) -> "KDiffusionBackend":
+        """This backend for the rows ``index`` of a batch of ``batch``: cond, uncond and every other batched
+        argument sliced (those of another first dimension are passed whole)."""
+        sub = copy.copy(self)
+        sub.cond, sub.uncond = self.cond[index], self.uncond[index]
+        sub.rest = {k: v[index] if _batch_of(v) == batch else v for k, v in self.rest.items()}
+        return sub
+
 
 class GuidedDenoiser:
     """One run's CFG predictions under an oracle.
@@ -166,41 +175,114 @@ class GuidedDenoiser:
         self.last_decision: Decision | None = None
         self.oracle.reset(RunInfo(sampler=sampler, sigmas=tuple(float(s) for s in sigmas), batch_size=x.shape[0],
                                   stochastic=stochastic))
+        self.per_image = False
+        if self.oracle.decides_per_image and x.shape[0] > 1:
+            if isinstance(self.backend, KDiffusionBackend) and self.backend.batched:
+                self.oracle.split_images()
+                self.per_image = True
+            else:
+                self.oracle.overrides.append((0, "decided per batch: per-image decisions need cond and uncond as "
+                                                 "batched tensors"))
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, index: int) -> torch.Tensor:
         """The guided denoised prediction for step ``index`` at noise level ``sigma`` (shape ``[batch]``)."""
-        backend = self.backend
         s = float(sigma.reshape(-1)[0])
-        state = StepState(index=index, total=self.steps, sigma=s, x=x,
-                          conditioning_changed=backend.conditioning_changed(index))
+        changed = self.backend.conditioning_changed(index)
+        if self.per_image:
+            return self._per_image(x, sigma, index, s, changed)
+        state = StepState(index=index, total=self.steps, sigma=s, x=x, conditioning_changed=changed)
         decision = self.oracle.decide(state)
-        cond = uncond = None
+        denoised, cond, uncond = self._predict(decision, self.backend, x, sigma, [(self.oracle, state)])
         wasted, fallback_from = 0, None
-        if decision is Decision.CACHED:
-            denoised = self.oracle.cached_denoised(state).to(x.dtype)
-            backend.skipped(x, sigma, denoised)
-        elif decision is Decision.COND:
-            cond = backend.conditional(x, sigma)
-            denoised = cond
-        elif decision is Decision.LINEAR:
-            cond = backend.conditional(x, sigma)
-            uncond = self.oracle.estimate_uncond(state, cond) if torch.isfinite(cond).all() else cond * math.nan
-            denoised = backend.combine(cond, uncond)
-        else:
-            cond, uncond = backend.full(x, sigma)
-            denoised = backend.combine(cond, uncond)
         if not torch.isfinite(denoised).all():
-            if decision is Decision.FULL:
-                raise NonFiniteError(f"the model returned NaN/inf at step {index} (sigma={s:.4g}) under full CFG")
-            wasted, fallback_from = decision.nfe, decision
-            decision = Decision.FULL
-            cond, uncond = backend.full(x, sigma)
-            denoised = backend.combine(cond, uncond)
+            self._refuse_non_finite(decision, index, s)
+            wasted, fallback_from, decision = decision.nfe, decision, Decision.FULL
+            denoised, cond, uncond = self._predict(decision, self.backend, x, sigma, [])
             if not torch.isfinite(denoised).all():
-                raise NonFiniteError(f"the model returned NaN/inf at step {index} (sigma={s:.4g}), "
-                                     f"also when re-evaluated with full CFG after a non-finite {fallback_from.name} step")
-        eps = (x - denoised) / append_dims(sigma, x.ndim)
-        self.oracle.record(StepRecord(index=index, decision=decision, sigma=s, x=x, denoised=denoised, eps=eps,
-                                      cond=cond, uncond=uncond), wasted_nfe=wasted, fallback_from=fallback_from)
+                self._refuse_non_finite(decision, index, s, fallback_from)
+        self.oracle.record(self._step_record(index, decision, s, x, sigma, denoised, cond, uncond), wasted_nfe=wasted,
+                           fallback_from=fallback_from)
         self.last_decision = decision
         return denoised
+
+    def _per_image(self, x: torch.Tensor, sigma: torch.Tensor, index: int, s: float, changed: bool) -> torch.Tensor:
+        """One step with a decision per image: the rows that share a decision are evaluated together, the others
+        not at all, and each image's oracle sees only its own row."""
+        states = [StepState(index=index, total=self.steps, sigma=s, x=x[r:r + 1], conditioning_changed=changed)
+                  for r in range(x.shape[0])]
+        decisions = self.oracle.decide_images(states)
+        images = self.oracle.images
+        denoised = torch.empty_like(x)
+        cond: list[torch.Tensor | None] = [None] * x.shape[0]
+        uncond: list[torch.Tensor | None] = [None] * x.shape[0]
+        wasted: list[int] = [0] * x.shape[0]
+        fallback_from: list[Decision | None] = [None] * x.shape[0]
+
+        def evaluate(decision: Decision, rows: list[int]) -> None:
+            at = torch.tensor(rows, device=x.device)
+            owners = [(images[r], states[r]) for r in rows]
+            out, c, u = self._predict(decision, self.backend.rows(at, x.shape[0]), x[at], sigma[at], owners)
+            denoised[at] = out
+            for k, r in enumerate(rows):
+                cond[r] = None if c is None else c[k:k + 1]
+                uncond[r] = None if u is None else u[k:k + 1]
+
+        for decision in dict.fromkeys(decisions):
+            evaluate(decision, [r for r, d in enumerate(decisions) if d is decision])
+        finite = torch.isfinite(denoised.flatten(1)).all(1).tolist()
+        retry = [r for r in range(x.shape[0]) if not finite[r]]
+        for r in retry:
+            self._refuse_non_finite(decisions[r], index, s)
+            wasted[r], fallback_from[r], decisions[r] = decisions[r].nfe, decisions[r], Decision.FULL
+        if retry:
+            evaluate(Decision.FULL, retry)
+            if not torch.isfinite(denoised[retry]).all():
+                self._refuse_non_finite(Decision.FULL, index, s, next(fallback_from[r] for r in retry))
+        self.oracle.record_images(
+            [self._step_record(index, decisions[r], s, x[r:r + 1], sigma[r:r + 1], denoised[r:r + 1], cond[r],
+                               uncond[r]) for r in range(x.shape[0])], wasted, fallback_from)
+        self.last_decision = decisions[0] if all(d is decisions[0] for d in decisions) else None
+        return denoised
+
+    def _predict(self, decision: Decision, backend: Any, x: torch.Tensor, sigma: torch.Tensor,
+                 owners: list[tuple[Oracle, StepState]]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(denoised, cond, uncond) of rows ``x`` under ``decision``. ``owners`` are the oracles (with their step
+        states) that cover the rows in order - one for the whole batch, or one per image - and supply CACHED
+        predictions and LINEAR estimates."""
+        if decision is Decision.CACHED:
+            denoised = torch.cat([oracle.cached_denoised(state) for oracle, state in owners]).to(x.dtype)
+            backend.skipped(x, sigma, denoised)
+            return denoised, None, None
+        if decision is Decision.COND:
+            cond = backend.conditional(x, sigma)
+            return cond, cond, None
+        if decision is Decision.LINEAR:
+            cond = backend.conditional(x, sigma)
+            if not torch.isfinite(cond).all():
+                return cond * math.nan, cond, None
+            estimates, start = [], 0
+            for oracle, state in owners:
+                rows = state.x.shape[0]
+                estimates.append(oracle.estimate_uncond(state, cond[start:start + rows]))
+                start += rows
+            uncond = torch.cat(estimates)
+            return backend.combine(cond, uncond), cond, uncond
+        cond, uncond = backend.full(x, sigma)
+        return backend.combine(cond, uncond), cond, uncond
+
+    @staticmethod
+    def _refuse_non_finite(decision: Decision, index: int, s: float, fallback_from: Decision | None = None) -> None:
+        """A non-finite FULL prediction ends the run: there is nothing left to fall back to."""
+        if decision is not Decision.FULL:
+            return
+        if fallback_from is None:
+            raise NonFiniteError(f"the model returned NaN/inf at step {index} (sigma={s:.4g}) under full CFG")
+        raise NonFiniteError(f"the model returned NaN/inf at step {index} (sigma={s:.4g}), also when re-evaluated "
+                             f"with full CFG after a non-finite {fallback_from.name} step")
+
+    @staticmethod
+    def _step_record(index: int, decision: Decision, s: float, x: torch.Tensor, sigma: torch.Tensor,
+                     denoised: torch.Tensor, cond: torch.Tensor | None, uncond: torch.Tensor | None) -> StepRecord:
+        eps = (x - denoised) / append_dims(sigma, x.ndim)
+        return StepRecord(index=index, decision=decision, sigma=s, x=x, denoised=denoised, eps=eps, cond=cond,
+                          uncond=uncond)

@@ -7,8 +7,9 @@ replaced by a :class:`~adaptive_sampler.engine.GuidedDenoiser` call. With :class
 ``model`` is a k-diffusion denoiser (``model(x, sigma, cond=...)`` returns the denoised image); ``extra_args`` holds
 ``cond``, ``uncond`` and ``cond_scale``, and any other key is passed to the model unchanged. Random numbers come
 from ``k_diffusion.sampling.torch`` (which A1111 redirects to its per-image seeded generator) or ``noise_sampler``.
-The callback receives k-diffusion's dict plus ``'decision'``; the oracle's ``decisions`` and ``summary()`` describe
-the finished run.
+The callback receives k-diffusion's dict plus ``'decision'`` (None on a step where the images of a batch decided
+differently: oracles that decide per image, see :attr:`~adaptive_sampler.oracles.Oracle.decides_per_image`); the
+oracle's ``summary()`` describes the finished run.
 """
 
 from __future__ import annotations

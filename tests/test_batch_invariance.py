@@ -1,5 +1,5 @@
 """An image is the same whatever batch it is generated in: the default's plan depends only on the run's sampler,
-schedule and steps, and each image's noise only on its own seed.
+schedule and steps, the adaptive rules decide per image, and each image's noise depends only on its own seed.
 
 The network is evaluated one row at a time here: in float32 its batched kernels alone move an image by about 3e-6
 between batch sizes under full CFG (measured on the embedded model), which the sampler then carries. Row by row the
@@ -52,3 +52,23 @@ def test_per_image_noise_differs_between_seeds_and_repeats_for_a_seed():
     a, _ = generate_variant(TARGET, "euler_ancestral", "default", 12, 3.0, [1, 1], [7, 8])
     b, _ = generate_variant(TARGET, "euler_ancestral", "default", 12, 3.0, [1], [7])
     assert (a[0] - b[0]).abs().max() <= 1e-5 and (a[0] - a[1]).abs().max() > 1e-2
+
+
+ADAPTIVE_MODES = [m for m in O.HOST_MODES if m not in ("forecast", "off")]
+
+
+@pytest.mark.parametrize("mode", ADAPTIVE_MODES)
+@pytest.mark.parametrize("variant", list(SAMPLER_VARIANTS))
+def test_adaptive_rules_decide_per_image_and_evaluate_only_the_rows_that_need_it(variant, mode):
+    """AG's cosine and AdaptiveDiffusion's latent differences are each image's own: an image switches and skips
+    where it would alone, and a batch spends on each image what that image needs."""
+    alone_oracle = O.mode_oracle(mode)
+    alone, _ = generate_variant(TARGET, variant, "karras", 20, 7.0, [LABEL], [SEED], oracle=alone_oracle)
+    batch = OTHERS[:POSITION] + [(SEED, LABEL)] + OTHERS[POSITION:]
+    batch_oracle = O.mode_oracle(mode)
+    together, summary = generate_variant(TARGET, variant, "karras", 20, 7.0, [label for _, label in batch],
+                                         [seed for seed, _ in batch], oracle=batch_oracle)
+    assert batch_oracle.images[POSITION].decisions == alone_oracle.decisions
+    assert len({image.summary().schedule for image in batch_oracle.images}) > 1  # the images decided differently
+    assert (together[POSITION] - alone[0]).abs().max() <= 1e-6
+    assert summary.images == 8 and summary.nfe == sum(image.summary().nfe for image in batch_oracle.images)

@@ -45,7 +45,8 @@ def test_every_mode_runs_every_short_length(denoiser, sampler, mode):
         summary = oracle.summary()
         length = len(sigmas_for(denoiser, sampler, steps)) - 1  # A1111's DDIM grid has 4 steps for 3
         assert torch.isfinite(out).all() and summary.steps == length
-        assert summary.nfe <= summary.nfe_full == 2 * length
+        assert summary.nfe <= summary.nfe_full == 2 * length * summary.images
+        assert summary.images == (2 if oracle.decides_per_image else 1)
 
 
 @pytest.mark.parametrize("factory", [O.AdaptiveDiffusion, O.Compose])

@@ -11,18 +11,21 @@ from .base import Decision, Oracle, RunInfo, StepState, _check_int, _check_real
 class AdaptiveDiffusion(Oracle):
     """AdaptiveDiffusion (Ye et al. 2024): skip the whole network call where the latent trajectory is smooth.
 
-    With ``d_k = mean |x_k - x_{k-1}|`` over the whole batch latent after step k's update, step k+1 is ``CACHED``
+    With ``d_k = mean |x_k - x_{k-1}|`` over the latent it sees after step k's update, step k+1 is ``CACHED``
     iff ``|(d_k + d_{k-2}) / 2 - d_{k-1}| <= threshold * d_{k-1}`` (the official code's third-order estimator).
     The first ``warmup`` steps always run the network (at least 4: the estimator needs the latents of four
     completed steps, as in the official code), and never more than ``max_skips`` steps in a row are skipped.
     The official code's cap is ``len(mask) > 4 and not any(mask[-C_max:])``, whose hard-coded ``> 4`` lets five
     skips in a row through right after warm-up; here the cap holds everywhere.
-    The decision is per batch, as in the official code. A skipped step reuses the last computed eps.
+    The official code decides per batch; our sampling loops give each image its own oracle (:attr:`decides_per_image`),
+    so an image skips where its own trajectory is smooth, whatever its batch (the WebUI hosts still decide per batch).
+    A skipped step reuses the last computed eps (x0 on stochastic samplers).
     ``threshold=0`` disables skipping. A run no longer than the warm-up (a short hires-fix or img2img pass) computes
     every step and says so in :attr:`overrides`: a pass's length is never an error.
     """
 
     name = "adaptive-diffusion"
+    decides_per_image = True
 
     def __init__(self, threshold: float = 0.01, max_skips: int = 4, warmup: int = 4) -> None:
         super().__init__()

@@ -35,7 +35,7 @@ def per_sample_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 #: Default AG thresholds per prediction space, calibrated on the embedded model (see README, "Adaptive Guidance").
 #: In x0 space gamma_t starts near 0.88 and rises monotonically, as in the paper's figure, and the published 0.991
-#: switches about 60% through the steps; v space behaves like x0 at high noise and like eps at low noise, so its
+#: switches an image 35-55% through the steps; v space behaves like x0 at high noise and like eps at low noise, so its
 #: default is slightly lower. eps space has no default: there gamma_t starts above 0.9997 and *falls* along the
 #: trajectory (it is not monotone), so any fixed threshold either switches at the first step or never.
 DEFAULT_AG_THRESHOLDS = {"x0": 0.991, "v": 0.99}
@@ -46,13 +46,15 @@ class AdaptiveGuidance(Oracle):
 
     On every FULL step gamma_t, the cosine similarity of the cond and uncond predictions over each sample's
     flattened tensor, is computed in ``space`` (``"x0"``, ``"eps"`` or ``"v"``). Once gamma_t >= ``threshold`` for
-    *every* sample of the batch, all later steps are conditional-only (sticky switch; the crossing step itself was
-    already computed with full CFG). A batch switches as one because a step evaluates the whole batch in one call;
-    per-sample switching would change other samples' results. ``threshold >= 1`` disables the switch.
+    *every* sample it sees, all later steps are conditional-only (sticky switch; the crossing step itself was
+    already computed with full CFG). Our sampling loops give each image its own oracle (:attr:`decides_per_image`),
+    so each image switches when it crosses, whatever its batch; the WebUI hosts, which evaluate a batch in one call,
+    switch a batch when its last image crosses. ``threshold >= 1`` disables the switch.
     A conditioning change (prompt editing) restarts the test: that step runs full CFG and gamma is measured again.
     """
 
     name = "ag"
+    decides_per_image = True
 
     def __init__(self, threshold: float | None = None, space: str = "x0") -> None:
         super().__init__()

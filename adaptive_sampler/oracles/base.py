@@ -27,6 +27,8 @@ The base class enforces the rules every oracle must obey, whatever its policy sa
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import enum
 import math
 import threading
@@ -116,7 +118,13 @@ class StepRecord:
 
 @dataclass(frozen=True)
 class RunSummary:
-    """Per-run accounting, available after a run and replaced by the next one."""
+    """Per-run accounting, available after a run and replaced by the next one.
+
+    A run that decided per batch counts per sample: ``nfe`` of ``nfe_full`` (2 per step), one ``schedule`` string.
+    A run that decided per image (:meth:`Oracle.split_images`) adds up its ``images``: NFE and counts are totals over
+    the images, ``schedule`` holds one string per image (space-separated) and ``ag_switch_step`` is the earliest
+    switch. ``nfe_ratio`` means the same either way.
+    """
 
     steps: int
     nfe: int
@@ -125,6 +133,7 @@ class RunSummary:
     ag_switch_step: int | None
     overrides: tuple[tuple[int, str], ...]
     schedule: str
+    images: int = 1
 
     @property
     def nfe_ratio(self) -> float:
@@ -132,8 +141,9 @@ class RunSummary:
 
     def __str__(self) -> str:
         switch = "-" if self.ag_switch_step is None else str(self.ag_switch_step)
+        per_image = f", decided per image over {self.images} images" if self.images > 1 else ""
         return (
-            f"NFE {self.nfe}/{self.nfe_full} ({self.nfe_ratio:.0%}), "
+            f"NFE {self.nfe}/{self.nfe_full} ({self.nfe_ratio:.0%}{per_image}), "
             + ", ".join(f"{k} {v}" for k, v in self.counts.items())
             + f", AG switch step {switch}, overrides {len(self.overrides)}"
         )
@@ -167,6 +177,10 @@ class Oracle:
     clear error before it can touch the state of the run that reset the oracle."""
 
     name = "oracle"
+    #: Whether the oracle's decisions depend on the predictions of the images in the batch (Adaptive Guidance's
+    #: cosine, AdaptiveDiffusion's latent differences). The engine then runs one copy per image
+    #: (:meth:`split_images`), so that an image's decisions, and the image, do not depend on its batch.
+    decides_per_image = False
 
     def __init__(self) -> None:
         self._guard = threading.Lock()
@@ -178,6 +192,7 @@ class Oracle:
         self._last: StepRecord | None = None
         self._last_computed: StepRecord | None = None
         self._consecutive_cached = 0
+        self._images: list[Oracle] = []
 
     # -- the contract used by sampling loops and the A1111 adapter ------------------------------------------------
     def reset(self, run: RunInfo) -> None:
@@ -191,7 +206,47 @@ class Oracle:
             self._last = None
             self._last_computed = None
             self._consecutive_cached = 0
+            self._images = []
             self._begin(run)
+
+    def split_images(self) -> None:
+        """Decide per image from here on: one fresh copy of this (just reset) oracle per image of the run, each reset
+        for a batch of one. The engine then calls :meth:`decide_images` / :meth:`record_images` instead of
+        :meth:`decide` / :meth:`record`; :attr:`decisions` holds the batch's decision where its images agreed (None
+        where they did not) and :meth:`summary` adds the images' summaries up."""
+        if self.run is None:
+            raise RuntimeError(f"{type(self).__name__}.reset() must be called before split_images()")
+        self._images = []
+        template = copy.deepcopy(self)
+        images = []
+        for _ in range(self.run.batch_size):
+            image = copy.deepcopy(template)
+            image.reset(dataclasses.replace(self.run, batch_size=1))
+            images.append(image)
+        self._images = images
+
+    @property
+    def images(self) -> tuple["Oracle", ...]:
+        """The per-image oracles of a run split by :meth:`split_images` (empty for a run decided per batch)."""
+        return tuple(self._images)
+
+    def decide_images(self, states: list[StepState]) -> list[Decision]:
+        """Each image's decision for the step, from its own oracle and its own row (``states``, in batch order)."""
+        with self._guard:
+            self._check_turn("decide", states[0].index, len(self.decisions))
+            images = list(self._images)
+        return [image.decide(state) for image, state in zip(images, states)]
+
+    def record_images(self, records: list[StepRecord], wasted_nfe: list[int],
+                      fallback_from: list[Decision | None]) -> None:
+        """Each image's step outcome, in batch order (see :meth:`record`)."""
+        with self._guard:
+            self._check_turn("record", records[0].index, len(self.decisions))
+            first = records[0].decision
+            self.decisions.append(first if all(r.decision is first for r in records) else None)
+            images = list(self._images)
+        for image, record, wasted, fallback in zip(images, records, wasted_nfe, fallback_from):
+            image.record(record, wasted, fallback)
 
     def decide(self, state: StepState) -> Decision:
         """The decision for the step described by ``state``, after the safety rules."""
@@ -274,7 +329,21 @@ class Oracle:
         raise NotImplementedError(f"{type(self).__name__} never decides LINEAR")
 
     def summary(self) -> RunSummary:
-        """NFE used, NFE of full CFG, steps per decision kind, AG switch step, overrides."""
+        """NFE used, NFE of full CFG, steps per decision kind, AG switch step, overrides (see :class:`RunSummary`)."""
+        if self._images:
+            parts = [image.summary() for image in self._images]
+            switches = [p.ag_switch_step for p in parts if p.ag_switch_step is not None]
+            return RunSummary(
+                steps=parts[0].steps,
+                nfe=sum(p.nfe for p in parts),
+                nfe_full=sum(p.nfe_full for p in parts),
+                counts={d.name: sum(p.counts[d.name] for p in parts) for d in Decision},
+                ag_switch_step=min(switches) if switches else None,
+                overrides=tuple(self.overrides) + tuple((i, f"image {k}: {why}") for k, p in enumerate(parts)
+                                                        for i, why in p.overrides),
+                schedule=" ".join(p.schedule for p in parts),
+                images=len(parts),
+            )
         steps = len(self.decisions)
         return RunSummary(
             steps=steps,

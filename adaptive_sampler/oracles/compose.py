@@ -19,6 +19,7 @@ class Compose(Oracle):
     """
 
     name = "compose"
+    decides_per_image = True
 
     def __init__(self, guidance: Oracle | None = None, skipping: AdaptiveDiffusion | None = None) -> None:
         super().__init__()
