@@ -154,6 +154,7 @@ def test_x0_weight_placement_computes_more_of_the_steps_that_give_x0_most_weight
 
 @pytest.mark.parametrize("warmup", [1, 2, 3])
 def test_above_half_the_x0_weight_placement_isolates_every_skipped_step_and_computes_a_tail(warmup):
+    alternating = 0
     for steps in range(4, 41):
         sigmas = [float(s) for s in torch.linspace(14.6, 0.03, steps)] + [0.0]
         for total in range(steps // 2 + 1, steps):
@@ -162,7 +163,11 @@ def test_above_half_the_x0_weight_placement_isolates_every_skipped_step_and_comp
             if alternate_then_tail(steps, total, warmup) is not None:
                 assert not any(j not in plan and j + 1 not in plan for j in range(steps - 1))
                 tail = max(j for j in range(steps) if j not in plan) + 1
-                assert set(range(tail, steps)) <= plan
+                assert set(range(tail, steps)) <= plan and steps - tail >= 0.1 * steps
+                alternating += 1
+            elif total >= warmup + 3:  # too little budget for a tail: spread evenly in x0 weight, which computes
+                assert {steps - 2, steps - 1} <= plan  # the heaviest (last) steps of this schedule
+    assert alternating > 100
 
 
 def test_forecast_weights_linear_through_the_last_two_and_spectrum_s_blend_with_its_chebyshev_fit():

@@ -108,9 +108,10 @@ def computed_steps(steps: int, budget: float, warmup: int, sigmas: Sequence[floa
     (``"log-sigma"``, ``"rho"`` or ``"x0-weight"``). In step index the minority is
     spread: the computed steps when the budget is at most half of them, the skipped steps above that (measured: at
     63-70% this keeps every skipped step between two computed ones and gains 1-10 dB over spreading the computed
-    steps, README method notes). With ``"x0-weight"`` and a budget above half, every skipped step sits between two
-    computed ones from the warm-up on (one step to forecast across), and the computed steps left over close the run,
-    as Forge's Spectrum places its steps (measured on stochastic samplers: README method notes).
+    steps, README method notes). With ``"x0-weight"`` and a budget that leaves at least the last 10% computed after
+    alternating, every skipped step sits between two computed ones from the warm-up on (one step to forecast
+    across) and the computed steps left over close the run, as Forge's Spectrum places its steps (measured on
+    stochastic samplers: README method notes).
 
     A run too short for the budget (fewer than ``warmup + 1`` computed steps) still computes the warm-up and the
     last step: forecasting from nothing would be a guess. :class:`Forecast` reports such runs in its overrides.
@@ -139,12 +140,15 @@ def computed_steps(steps: int, budget: float, warmup: int, sigmas: Sequence[floa
     return frozenset(range(warmup)) | {steps - 1} | chosen
 
 
-def alternate_then_tail(steps: int, total: int, warmup: int) -> frozenset[int] | None:
+def alternate_then_tail(steps: int, total: int, warmup: int, min_tail: float = 0.1) -> frozenset[int] | None:
     """``total`` computed steps of ``steps``: the warm-up, then skip / compute in turn, then a computed tail; None
-    when even a tail of one step leaves too few computed steps for skipping every other one."""
+    when the budget leaves a tail shorter than ``min_tail`` of the steps (Spectrum's last 10%): alternating would
+    then skip the last steps, which give x0 the most weight on a model's own schedule."""
     for tail in range(1, steps - warmup + 1):
         middle = steps - warmup - tail
         if warmup + tail + middle // 2 == total:
+            if tail < min_tail * steps:
+                return None
             return frozenset(range(warmup)) | set(range(steps - tail, steps)) | {warmup + 1 + 2 * i
                                                                                  for i in range(middle // 2)}
         if warmup + tail + middle // 2 > total:
