@@ -75,7 +75,7 @@ def cell(target: Target, variant: str, schedule: str, steps: int, scale: float, 
     """The default vs fewer steps, and each peer vs the default at the peer's NFE, in one cell."""
     def run(oracle: O.Oracle, run_steps: int = steps) -> tuple[torch.Tensor, float]:
         images, summary = generate_variant(target, variant, schedule, run_steps, scale, labels, seeds, oracle=oracle)
-        return images, summary.nfe / (2 * steps)
+        return images, summary.nfe_ratio
 
     reference, _ = run(O.FullCFG())
 

@@ -61,10 +61,11 @@ def measure(sampler: str, base_steps: int, strength: float, seeds: Sequence[int]
     rows = []
     for mode, oracle_name in MODES.items():
         out, summary = run(make_oracle(oracle_name), sigmas)
-        baseline_steps = max(1, summary.nfe // 2)  # full CFG spends 2 NFE per step: the same or next lower NFE
+        # full CFG spends 2 NFE per step: the same or the next lower NFE per image
+        baseline_steps = max(1, int(summary.nfe_per_image // 2))
         baseline, _ = run(FullCFG(), fewer_steps(sigmas, baseline_steps))
         rows.append(dict(sampler=sampler, base_steps=base_steps, strength=strength, steps=steps, mode=mode,
-                         nfe=summary.nfe, nfe_full=summary.nfe_full,
+                         nfe=summary.nfe_per_image, nfe_full=summary.nfe_full // summary.images,
                          psnr=float(psnr(out, reference).clamp(max=99).mean()),
                          baseline_steps=baseline_steps,
                          baseline_psnr=float(psnr(baseline, reference).clamp(max=99).mean())))
@@ -111,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 for r in measure(sampler, base, strength, list(range(args.seeds)), args.scale):
                     rows.append(r)
                     print(f"| {r['sampler']} | {r['base_steps']} × {r['strength']} | {r['steps']} | {r['mode']} | "
-                          f"{r['nfe']}/{r['nfe_full']} | {r['psnr']:.1f} | "
+                          f"{r['nfe']:.4g}/{r['nfe_full']} | {r['psnr']:.1f} | "
                           f"{r['baseline_psnr']:.1f} ({r['baseline_steps']} steps) |", flush=True)
     print()
     print("\n".join(summarize(rows)))

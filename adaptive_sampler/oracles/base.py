@@ -139,6 +139,11 @@ class RunSummary:
     def nfe_ratio(self) -> float:
         return self.nfe / self.nfe_full if self.nfe_full else float("nan")
 
+    @property
+    def nfe_per_image(self) -> float:
+        """Network evaluations per image (the mean over the images of a run decided per image)."""
+        return self.nfe / self.images
+
     def __str__(self) -> str:
         switch = "-" if self.ag_switch_step is None else str(self.ag_switch_step)
         per_image = f", decided per image over {self.images} images" if self.images > 1 else ""
