@@ -50,7 +50,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .embedded import load_classifier
     from .lab.experiment import SAMPLER_VARIANTS, embedded_target, generate_variant, variant_schedules
     from .lab.images import save_grid
-    from .lab.metrics import classifier_accuracy, psnr
+    from .lab.metrics import PSNR_CAP, classifier_accuracy, psnr
 
     torch.set_num_threads(args.threads)
     target = embedded_target()
@@ -74,7 +74,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 target, variant, schedule, args.steps, scale, labels, seeds)[0]
         quality = float(psnr(images, reference[key]).mean())
         acc = classifier_accuracy(images, torch.tensor(labels), classifier)
-        shown = "inf" if quality == float("inf") else f"{quality:.1f}"
+        shown = "inf" if quality >= PSNR_CAP else f"{quality:.1f}"
         tqdm.write(f"{scale:>5g} {variant:<16} {schedule:<8} {name:<24} {summary.nfe_per_image:>10.4g} {summary.nfe_ratio:>8.0%} "
                    f"{shown:>8} {acc:>9.1%}")
         rows.append((f"scale {scale:g} | {variant} {schedule} | {name} | "

@@ -182,7 +182,7 @@ class GuidedDenoiser:
                 self.per_image = True
             else:
                 self.oracle.overrides.append((0, "decided per batch: per-image decisions need cond and uncond as "
-                                                 "batched tensors"))
+                                                 "batched tensors (rows evaluated apart)"))
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, index: int) -> torch.Tensor:
         """The guided denoised prediction for step ``index`` at noise level ``sigma`` (shape ``[batch]``)."""

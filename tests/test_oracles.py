@@ -324,3 +324,17 @@ def test_host_modes_build_their_oracles_and_refuse_unknown_modes():
                      "off": "NoneType"}
     with pytest.raises(ValueError, match="mode must be one of"):
         O.mode_oracle("fast")
+
+
+def test_an_oracle_that_decides_per_image_says_so_when_the_conditioning_cannot_be_split(denoiser):
+    """cond / uncond that are not batched tensors cannot be evaluated row by row: the batch decides as one, noted."""
+    def model(x, sigma, cond):
+        return denoiser(x, sigma, cond=torch.as_tensor(cond))
+
+    sigmas = denoiser.get_sigmas(10)
+    oracle = O.AdaptiveGuidance()
+    A.sample_euler(model, initial_noise(2, sigmas[0]), sigmas, disable=True, oracle=oracle,
+                   extra_args=dict(cond=[1, 2], uncond=[10, 10], cond_scale=3.0))
+    summary = oracle.summary()
+    assert summary.images == 1 and not oracle.images
+    assert any("decided per batch" in why for _, why in summary.overrides)

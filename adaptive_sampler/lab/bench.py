@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .. import oracles as O
 from .experiment import Target, generate, sigmas_for
-from .metrics import classifier_accuracy, frechet_distance, psnr, ssim
+from .metrics import PSNR_CAP, classifier_accuracy, frechet_distance, psnr, ssim
 
 
 class CountingModel(torch.nn.Module):
@@ -178,7 +178,7 @@ def markdown(rows: Sequence[Row]) -> str:
                            "adaptive wins" if ours.psnr > r.psnr else "**baseline wins**")
             name = r.method if r.baseline_for is None else f"↳ {r.method}"
             t = "" if r.time_ratio is None else f"{r.time_ratio:.2f}"
-            ps = "∞" if math.isinf(r.psnr) else f"{r.psnr:.1f}"
+            ps = "∞" if r.psnr >= PSNR_CAP else f"{r.psnr:.1f}"
             out.append(f"| {name} | {r.nfe:.1f} | {r.nfe_ratio:.2f} | {t} | {ps} | {r.ssim:.4f} | "
                        f"{r.accuracy:.1%} | {r.fd:.2f} | {verdict} |")
     return "\n".join(out) + "\n"

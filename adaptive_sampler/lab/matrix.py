@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .. import oracles as O
 from .experiment import Target, generate_variant, variant_schedules
-from .metrics import psnr, ssim
+from .metrics import PSNR_CAP, psnr, ssim
 from .peers import OutputChangeCache, SpectrumRule, spectrum_plan
 
 #: Spectrum's warm-up settings tried when it is brought to another method's NFE (6 is its default).
@@ -132,7 +132,7 @@ def run_matrix(target: Target, variants: Sequence[str], schedules: Sequence[str]
 
 
 def _db(value: float) -> str:
-    return "∞" if math.isinf(value) else f"{value:.1f}"
+    return "∞" if value >= PSNR_CAP else f"{value:.1f}"
 
 
 def is_ours(method: str) -> bool:

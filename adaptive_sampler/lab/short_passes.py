@@ -66,9 +66,9 @@ def measure(sampler: str, base_steps: int, strength: float, seeds: Sequence[int]
         baseline, _ = run(FullCFG(), fewer_steps(sigmas, baseline_steps))
         rows.append(dict(sampler=sampler, base_steps=base_steps, strength=strength, steps=steps, mode=mode,
                          nfe=summary.nfe_per_image, nfe_full=summary.nfe_full // summary.images,
-                         psnr=float(psnr(out, reference).clamp(max=99).mean()),
+                         psnr=float(psnr(out, reference).mean()),
                          baseline_steps=baseline_steps,
-                         baseline_psnr=float(psnr(baseline, reference).clamp(max=99).mean())))
+                         baseline_psnr=float(psnr(baseline, reference).mean())))
     return rows
 
 
