@@ -219,10 +219,14 @@ class GuidedDenoiser:
         fallback_from: list[Decision | None] = [None] * x.shape[0]
 
         def evaluate(decision: Decision, rows: list[int]) -> None:
-            at = torch.tensor(rows, device=x.device)
             owners = [(images[r], states[r]) for r in rows]
-            out, c, u = self._predict(decision, self.backend.rows(at, x.shape[0]), x[at], sigma[at], owners)
-            denoised[at] = out
+            if len(rows) == x.shape[0]:  # the whole batch decided alike: one call, as per batch
+                out, c, u = self._predict(decision, self.backend, x, sigma, owners)
+                denoised[:] = out
+            else:
+                at = torch.tensor(rows, device=x.device)
+                out, c, u = self._predict(decision, self.backend.rows(at, x.shape[0]), x[at], sigma[at], owners)
+                denoised[at] = out
             for k, r in enumerate(rows):
                 cond[r] = None if c is None else c[k:k + 1]
                 uncond[r] = None if u is None else u[k:k + 1]
