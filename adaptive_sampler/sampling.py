@@ -76,8 +76,8 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback: Callback
                            oracle: Oracle | str | None = None, eta=1., s_noise=1., noise_sampler=None):
     """Ancestral sampling with Euler steps under a step oracle.
 
-    A CACHED step reuses eps at a latent that received fresh noise since it was computed, so skipping is less
-    accurate here than on the deterministic samplers.
+    The run is marked stochastic (when eta and s_noise are > 0): a CACHED step then gets a denoised (x0) forecast and
+    this loop forms eps from the current latent, which holds noise that no computed step has seen.
     """
     _check_real("eta", eta)
     _check_real("s_noise", s_noise)
