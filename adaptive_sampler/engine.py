@@ -87,8 +87,9 @@ def resolve_oracle(oracle: Oracle | str | None) -> Oracle:
 class KDiffusionBackend:
     """Predictions from a plain k-diffusion denoiser with ``cond``/``uncond``/``cond_scale`` extra_args.
 
-    A backend is what the engine calls for network predictions. Hosts that do CFG themselves (the A1111 adapter)
-    provide their own backend through a model attribute ``adaptive_backend(x, extra_args)``.
+    A backend is what the engine calls for network predictions. A model that does CFG itself can provide its own
+    backend through a model attribute ``adaptive_backend(x, extra_args)`` (its runs then decide per batch: rows are
+    only split for this backend).
     """
 
     def __init__(self, model: Callable[..., torch.Tensor], x: torch.Tensor, extra_args: Mapping[str, Any] | None,
