@@ -246,7 +246,7 @@ class GuidedDenoiser:
         self.oracle.record_images(
             [self._step_record(index, decisions[r], s, x[r:r + 1], sigma[r:r + 1], denoised[r:r + 1], cond[r],
                                uncond[r]) for r in range(x.shape[0])], wasted, fallback_from)
-        self.last_decision = decisions[0] if all(d is decisions[0] for d in decisions) else None
+        self.last_decision = self.oracle.decisions[-1]  # the batch's decision, None where its images differed
         return denoised
 
     def _predict(self, decision: Decision, backend: Any, x: torch.Tensor, sigma: torch.Tensor,

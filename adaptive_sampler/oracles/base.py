@@ -222,12 +222,9 @@ class Oracle:
         if self.run is None:
             raise RuntimeError(f"{type(self).__name__}.reset() must be called before split_images()")
         self._images = []
-        template = copy.deepcopy(self)
-        images = []
-        for _ in range(self.run.batch_size):
-            image = copy.deepcopy(template)
+        images = [copy.deepcopy(self) for _ in range(self.run.batch_size)]
+        for image in images:
             image.reset(dataclasses.replace(self.run, batch_size=1))
-            images.append(image)
         self._images = images
 
     @property

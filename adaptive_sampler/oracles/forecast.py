@@ -34,7 +34,7 @@ from typing import Sequence
 import torch
 
 from .base import Decision, Oracle, RunInfo, StepRecord, StepState, _check_int, _check_real
-from .x0_forecast import X0Ensemble
+from .x0_forecast import X0Ensemble, combine
 
 
 def integrates_in_log_sigma(sampler: str) -> bool:
@@ -46,15 +46,9 @@ def integrates_in_log_sigma(sampler: str) -> bool:
 
 def extrapolate(points: list[tuple[float, torch.Tensor]], at: float) -> torch.Tensor:
     """Lagrange polynomial through ``points`` (abscissa, value), evaluated at ``at``, in float32."""
-    out = None
-    for j, (tj, vj) in enumerate(points):
-        w = 1.0
-        for m, (tm, _) in enumerate(points):
-            if m != j:
-                w *= (at - tm) / (tj - tm)
-        term = vj.float() * w
-        out = term if out is None else out + term
-    return out
+    weights = [math.prod((at - tm) / (tj - tm) for m, (tm, _) in enumerate(points) if m != j)
+               for j, (tj, _) in enumerate(points)]
+    return combine(torch.tensor(weights, dtype=torch.float64), [v.float() for _, v in points])
 
 
 def to_space(space: str, denoised: torch.Tensor, x: torch.Tensor, sigma: float) -> torch.Tensor:
