@@ -17,6 +17,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+#: The A1111-family extension (A1111, Forge Neo): its samplers, their built-in counterparts, its accordion's title.
+ADAPTIVE = ["Euler Adaptive", "Euler a Adaptive", "DPM++ 2M Adaptive", "DPM++ 2M SDE Adaptive", "DDIM Adaptive"]
+BUILTIN = {"Euler Adaptive": "Euler", "Euler a Adaptive": "Euler a", "DPM++ 2M Adaptive": "DPM++ 2M",
+           "DPM++ 2M SDE Adaptive": "DPM++ 2M SDE", "DDIM Adaptive": "DDIM"}
+SCRIPT = "adaptive sampling"
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -96,3 +102,26 @@ def fields(infotext):
             k, v = part.split(": ", 1)
             out[k.strip()] = v.strip().strip('"')
     return out
+
+
+def adaptive_args(enable=True, mode="forecast", ag_threshold=0.991, ag_space="x0", ad_threshold=0.01, max_skips=4,
+                  warmup=4, budget=0.0, min_steps=1):
+    """The accordion's ``alwayson_scripts`` entry (its args in API order)."""
+    return {SCRIPT: {"args": [enable, mode, ag_threshold, ag_space, ad_threshold, max_skips, warmup, budget,
+                              min_steps]}}
+
+
+def img2img(url, base, **kw):
+    """An img2img request from a mid-grey 64x64 image with ``base``'s settings and Euler Adaptive; its fields."""
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(buf, format="PNG")
+    body = call(url, "/sdapi/v1/img2img", {**base, "init_images": [base64.b64encode(buf.getvalue()).decode()],
+                                           "sampler_name": "Euler Adaptive", **kw})
+    return fields(json.loads(body["info"])["infotexts"][0])
+
+
+def psnr_db(a, b):
+    """PSNR of two 8-bit images in dB (inf when identical)."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)

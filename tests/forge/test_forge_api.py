@@ -22,16 +22,13 @@ import pytest
 from adaptive_sampler import oracles as O
 from adaptive_sampler.hosts.webui_common import AdaptiveSettings
 from adaptive_sampler.oracles.forecast import computed_steps
-from host_suite import call, decode, fields, free_port, link_to_this_repository, running_server
+from host_suite import (ADAPTIVE, BUILTIN, adaptive_args, call, decode, fields, free_port, img2img as host_img2img,
+                        link_to_this_repository, psnr_db, running_server)
 
 FORGE_DIR = os.environ.get("FORGE_DIR")
 pytestmark = pytest.mark.skipif(not FORGE_DIR, reason="FORGE_DIR is not set: no real Forge Neo to test against")
 
 REPO = Path(__file__).resolve().parents[2]
-ADAPTIVE = ["Euler Adaptive", "Euler a Adaptive", "DPM++ 2M Adaptive", "DPM++ 2M SDE Adaptive", "DDIM Adaptive"]
-BUILTIN = {"Euler Adaptive": "Euler", "Euler a Adaptive": "Euler a", "DPM++ 2M Adaptive": "DPM++ 2M",
-           "DPM++ 2M SDE Adaptive": "DPM++ 2M SDE", "DDIM Adaptive": "DDIM"}
-SCRIPT = "adaptive sampling"
 SPECTRUM = "Spectrum Integrated"
 ROWS = "Test UNet rows"
 # 8 steps keeps the suite fast; passes that short are adapted only with min_steps below the default 12. Forge's
@@ -72,28 +69,12 @@ def txt2img(url, **kw):
 
 
 def img2img(url, **kw):
-    from PIL import Image
-    buf = io.BytesIO()
-    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(buf, format="PNG")
-    body = call(url, "/sdapi/v1/img2img", {**BASE, "init_images": [base64.b64encode(buf.getvalue()).decode()],
-                                           "sampler_name": "Euler Adaptive", **kw})
-    return fields(json.loads(body["info"])["infotexts"][0])
+    return host_img2img(url, BASE, **kw)
 
 
 def nfe(f):
     used, full = map(int, f["Adaptive NFE"].split("/"))
     return used, full
-
-
-def adaptive_args(enable=True, mode="forecast", ag_threshold=0.991, ag_space="x0", ad_threshold=0.01, max_skips=4,
-                  warmup=4, budget=0.0, min_steps=1):
-    return {SCRIPT: {"args": [enable, mode, ag_threshold, ag_space, ad_threshold, max_skips, warmup, budget,
-                              min_steps]}}
-
-
-def psnr_db(a, b):
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 
 
 def record(key, row):

@@ -17,16 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from host_suite import call, decode, fields, free_port, link_to_this_repository, running_server
+from host_suite import (ADAPTIVE, BUILTIN, adaptive_args, call, decode, fields, free_port, img2img as host_img2img,
+                        link_to_this_repository, psnr_db, running_server)
 
 A1111_DIR = os.environ.get("A1111_DIR")
 pytestmark = pytest.mark.skipif(not A1111_DIR, reason="A1111_DIR is not set: no real A1111 to test against")
 
 REPO = Path(__file__).resolve().parents[2]
-ADAPTIVE = ["Euler Adaptive", "Euler a Adaptive", "DPM++ 2M Adaptive", "DPM++ 2M SDE Adaptive", "DDIM Adaptive"]
-BUILTIN = {"Euler Adaptive": "Euler", "Euler a Adaptive": "Euler a", "DPM++ 2M Adaptive": "DPM++ 2M",
-           "DPM++ 2M SDE Adaptive": "DPM++ 2M SDE", "DDIM Adaptive": "DDIM"}
-SCRIPT = "adaptive sampling"
 # 8 steps keeps the suite fast; passes that short are adapted only with min_steps below the default 12.
 BASE = dict(prompt="a red apple", negative_prompt="blurry", seed=1234, steps=8, width=64, height=64, cfg_scale=5,
             override_settings={"adaptive_sampler_min_steps": 1})
@@ -58,12 +55,6 @@ def txt2img(url, **kw):
     return [decode(b) for b in body["images"]], info["infotexts"]
 
 
-def adaptive_args(enable=True, mode="forecast", ag_threshold=0.991, ag_space="x0", ad_threshold=0.01, max_skips=4,
-                  warmup=4, budget=0.0, min_steps=1):
-    return {SCRIPT: {"args": [enable, mode, ag_threshold, ag_space, ad_threshold, max_skips, warmup, budget,
-                              min_steps]}}
-
-
 def test_samplers_are_listed(server):
     names = [s["name"] for s in call(server, "/sdapi/v1/samplers")]
     for name in ADAPTIVE:
@@ -78,11 +69,6 @@ def test_each_adaptive_sampler_generates_and_saves_nfe(server, name):
     used, full = map(int, f["Adaptive NFE"].split("/"))
     assert used < full and f["Adaptive mode"] == "forecast"
     assert images[0].shape == (64, 64, 3)
-
-
-def psnr_db(a, b):
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 
 
 @pytest.mark.parametrize("scheduler", ["Automatic", "Karras"])
@@ -184,12 +170,7 @@ MODES = ["forecast", "ag", "linear-ag", "adaptive-diffusion", "ag+adaptive-diffu
 
 
 def img2img(url, **kw):
-    from PIL import Image
-    buf = io.BytesIO()
-    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(buf, format="PNG")
-    body = call(url, "/sdapi/v1/img2img", {**BASE, "init_images": [base64.b64encode(buf.getvalue()).decode()],
-                                           "sampler_name": "Euler Adaptive", **kw})
-    return fields(json.loads(body["info"])["infotexts"][0])
+    return host_img2img(url, BASE, **kw)
 
 
 @pytest.mark.parametrize("mode", MODES)
