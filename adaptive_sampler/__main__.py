@@ -75,7 +75,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         quality = float(psnr(images, reference[key]).mean())
         acc = classifier_accuracy(images, torch.tensor(labels), classifier)
         shown = "inf" if quality >= PSNR_CAP else f"{quality:.1f}"
-        tqdm.write(f"{scale:>5g} {variant:<16} {schedule:<8} {name:<24} {summary.nfe_per_image:>10.4g} {summary.nfe_ratio:>8.0%} "
+        tqdm.write(f"{scale:>5g} {variant:<16} {schedule:<8} {name:<24} {summary.nfe_per_image:>10.4g} "
+                   f"{summary.nfe_ratio:>8.0%} "
                    f"{shown:>8} {acc:>9.1%}")
         rows.append((f"scale {scale:g} | {variant} {schedule} | {name} | "
                      f"NFE {summary.nfe_per_image:.4g}/{summary.nfe_full // summary.images} per image | "

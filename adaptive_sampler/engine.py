@@ -250,7 +250,8 @@ class GuidedDenoiser:
         return denoised
 
     def _predict(self, decision: Decision, backend: Any, x: torch.Tensor, sigma: torch.Tensor,
-                 owners: list[tuple[Oracle, StepState]]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                 owners: list[tuple[Oracle, StepState]]
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(denoised, cond, uncond) of rows ``x`` under ``decision``. ``owners`` are the oracles (with their step
         states) that cover the rows in order - one for the whole batch, or one per image - and supply CACHED
         predictions and LINEAR estimates."""

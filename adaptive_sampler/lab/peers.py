@@ -4,9 +4,9 @@
   Haoming02/sd-webui-forge-classic) with its UI defaults: ``warmup_steps`` 6, cache window 2 (alternate compute /
   forecast), window growth 0, the steps from ``stop_caching_step`` 0.9 on computed; a skipped step's denoised output
   is ``(1 - w) * linear extrapolation + w * Chebyshev ridge fit`` (w 0.25, degree 6, ridge 0.5, the last 8 computed
-  outputs), over the step index: :func:`~adaptive_sampler.oracles.x0_forecast.spectral_weights`. Forge forecasts each CFG branch's denoised output
-  and then combines them; both forecasts are linear in the stored outputs, so forecasting the guided output is the
-  same.
+  outputs), over the step index: :func:`~adaptive_sampler.oracles.x0_forecast.spectral_weights`. Forge forecasts
+  each CFG branch's denoised output and then combines them; both forecasts are linear in the stored outputs, so
+  forecasting the guided output is the same.
 * :class:`OutputChangeCache` - ComfyUI core's ``LazyCache`` (``comfy_extras/nodes_easycache.py``; guided output,
   ``PREDICT_NOISE`` level) and ``EasyCache`` (the same rule measured on the first conditional branch): skip while the
   accumulated estimate ``k * |x - x_prev| / |out_prev|`` stays under ``reuse_threshold`` (k = the last observed
