@@ -87,6 +87,10 @@ def resolve_oracle(oracle: Oracle | str | None) -> Oracle:
 class KDiffusionBackend:
     """Predictions from a plain k-diffusion denoiser with ``cond``/``uncond``/``cond_scale`` extra_args.
 
+    A ``cond_scale`` of 1 makes the run unguided, as ComfyUI's CFG-1 optimisation does: CFG at scale 1 *is* the
+    conditional prediction, so a step evaluates the conditional rows only (one network row per sample; ``uncond``
+    may be None) - the way guidance-distilled models (Flux dev, Z-Image Turbo) are run.
+
     A backend is what the engine calls for network predictions. A model that does CFG itself can provide its own
     backend through a model attribute ``adaptive_backend(x, extra_args)`` (its runs then decide per batch: rows are
     only split for this backend).
@@ -110,20 +114,27 @@ class KDiffusionBackend:
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
             raise ValueError(f"extra_args['cond_scale'] must be a finite number, got {scale!r}")
         self.cond_scale = float(scale)
+        self.guided = self.cond_scale != 1.0
         batch = x.shape[0]
         for name, value in (("cond", self.cond), ("uncond", self.uncond)):
-            if value is None:
-                raise ValueError(f"extra_args[{name!r}] must not be None for guided sampling")
+            if value is None and (name == "cond" or self.guided):
+                raise ValueError(f"extra_args[{name!r}] must not be None for guided sampling"
+                                 + (" (it may be None at cond_scale 1, which evaluates the conditional rows only)"
+                                    if name == "uncond" else ""))
             n = _batch_of(value)
             if n is not None and n != batch:
                 raise ValueError(f"extra_args[{name!r}] has batch size {n} but x has {batch}")
         self.rest = args
         self.model = model
-        self.batched = isinstance(self.cond, torch.Tensor) and isinstance(self.uncond, torch.Tensor)
+        self.batched = isinstance(self.cond, torch.Tensor) and (isinstance(self.uncond, torch.Tensor)
+                                                                or not self.guided)
         self._conditioning_changed = conditioning_changed
 
-    def full(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Conditional and unconditional denoised predictions, in one batched call when both are tensors."""
+    def full(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Conditional and unconditional denoised predictions, in one batched call when both are tensors (the
+        conditional one alone, and None, on an unguided run)."""
+        if not self.guided:
+            return self.conditional(x, sigma), None
         if self.batched:
             out = self.model(torch.cat([x, x]), torch.cat([sigma, sigma]),
                              cond=torch.cat([self.cond, self.uncond]), **self.rest)
@@ -134,8 +145,8 @@ class KDiffusionBackend:
     def conditional(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return self.model(x, sigma, cond=self.cond, **self.rest)
 
-    def combine(self, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
-        return uncond + (cond - uncond) * self.cond_scale
+    def combine(self, cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
+        return cond if uncond is None else uncond + (cond - uncond) * self.cond_scale
 
     def skipped(self, x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> None:
         """A CACHED step happened (hosts with per-call counters advance them here)."""
@@ -147,7 +158,8 @@ class KDiffusionBackend:
         """This backend for the rows ``index`` of a batch of ``batch``: cond, uncond and every other batched
         argument sliced (those of another first dimension are passed whole)."""
         sub = copy.copy(self)
-        sub.cond, sub.uncond = self.cond[index], self.uncond[index]
+        sub.cond = self.cond[index]
+        sub.uncond = self.uncond[index] if isinstance(self.uncond, torch.Tensor) else self.uncond
         sub.rest = {k: v[index] if _batch_of(v) == batch else v for k, v in self.rest.items()}
         return sub
 
@@ -158,13 +170,15 @@ class GuidedDenoiser:
     ``model`` is any k-diffusion denoiser, called as ``model(x, sigma, cond=..., **rest)`` and returning the
     denoised image. ``extra_args`` holds ``cond``, ``uncond`` and ``cond_scale``; every other key is passed to the
     model unchanged. ``conditioning_changed(i)`` may tell the engine that step i uses new conditioning;
-    ``stochastic`` says that the sampler adds fresh noise between steps (see :class:`~.oracles.RunInfo`). A model with
-    an ``adaptive_backend(x, extra_args)`` method supplies its own prediction backend instead.
+    ``stochastic`` says that the sampler adds fresh noise between steps and ``flow`` that the model follows the
+    flow-matching convention (see :class:`~.oracles.RunInfo`). A model with an ``adaptive_backend(x, extra_args)``
+    method supplies its own prediction backend instead.
     """
 
     def __init__(self, model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor,
                  extra_args: Mapping[str, Any] | None, oracle: Oracle | str | None, sampler: str,
-                 conditioning_changed: Callable[[int], bool] | None = None, stochastic: bool = False) -> None:
+                 conditioning_changed: Callable[[int], bool] | None = None, stochastic: bool = False,
+                 flow: bool = False) -> None:
         validate_run(x, sigmas)
         make_backend = getattr(model, "adaptive_backend", None)
         if make_backend is not None:
@@ -175,7 +189,7 @@ class GuidedDenoiser:
         self.steps = sigmas.shape[0] - 1
         self.last_decision: Decision | None = None
         self.oracle.reset(RunInfo(sampler=sampler, sigmas=tuple(float(s) for s in sigmas), batch_size=x.shape[0],
-                                  stochastic=stochastic))
+                                  stochastic=stochastic, flow=flow, guided=getattr(self.backend, "guided", True)))
         self.per_image = False
         if self.oracle.decides_per_image and x.shape[0] > 1:
             if isinstance(self.backend, KDiffusionBackend) and self.backend.batched:

@@ -55,6 +55,7 @@ class AdaptiveGuidance(Oracle):
 
     name = "ag"
     decides_per_image = True
+    adapts_guidance = True
 
     def __init__(self, threshold: float | None = None, space: str = "x0") -> None:
         super().__init__()

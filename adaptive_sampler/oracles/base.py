@@ -67,13 +67,28 @@ class RunInfo:
     expose its schedule (then ``steps`` must be given). A run of 0 steps (a single sigma) is legal: k-diffusion's
     loops return their input unchanged, and so do ours. ``stochastic`` is true when the sampler adds fresh noise to
     the latent after its steps (Euler a, DPM++ SDE, DDIM with eta > 0, churn): a skipped step must then not reuse a
-    noise prediction (eps) computed before that noise arrived."""
+    noise prediction (eps) computed before that noise arrived. ``flow`` is true for a flow-matching model
+    (``x = (1 - sigma) * x0 + sigma * noise``, sigma <= 1, ComfyUI's ``CONST``: SD3, Flux, Wan, ...), whose
+    trajectories and schedules differ from the SD-style ones. ``guided`` is false when a step evaluates a single
+    network row (CFG scale 1, guidance-distilled models such as Flux dev): a FULL step then costs one row, as a COND
+    step does, and there is no guidance to adapt."""
 
     sampler: str
     sigmas: tuple[float, ...]
     batch_size: int
     steps: int = -1
     stochastic: bool = False
+    flow: bool = False
+    guided: bool = True
+
+    @property
+    def rows_full(self) -> int:
+        """Network rows per sample of an unadapted (FULL) step: 2 with guidance, 1 without."""
+        return 2 if self.guided else 1
+
+    def rows(self, decision: "Decision") -> int:
+        """Network rows per sample a step with this decision costs in this run."""
+        return self.rows_full if decision is Decision.FULL else decision.nfe
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -120,7 +135,8 @@ class StepRecord:
 class RunSummary:
     """Per-run accounting, available after a run and replaced by the next one.
 
-    A run that decided per batch counts per sample: ``nfe`` of ``nfe_full`` (2 per step), one ``schedule`` string.
+    A run that decided per batch counts per sample: ``nfe`` of ``nfe_full`` (2 per step, 1 on an unguided run), one
+    ``schedule`` string.
     A run that decided per image (:meth:`Oracle.split_images`) adds up its ``images``: NFE and counts are totals over
     the images, ``schedule`` holds one string per image (space-separated) and ``ag_switch_step`` is the earliest
     switch. ``nfe_ratio`` means the same either way.
@@ -186,6 +202,9 @@ class Oracle:
     #: cosine, AdaptiveDiffusion's latent differences). The engine then runs one copy per image
     #: (:meth:`split_images`), so that an image's decisions, and the image, do not depend on its batch.
     decides_per_image = False
+    #: Whether the oracle adapts guidance (needs the unconditional prediction): on an unguided run (CFG scale 1) it
+    #: runs every step FULL, which costs one row there, and says so in its overrides.
+    adapts_guidance = False
 
     def __init__(self) -> None:
         self._guard = threading.Lock()
@@ -213,6 +232,9 @@ class Oracle:
             self._consecutive_cached = 0
             self._images = []
             self._begin(run)
+            if self.adapts_guidance and not run.guided:
+                self.overrides.append((0, "no guidance to adapt (CFG scale 1: one network row per step): every step "
+                                          "runs as asked; Forecast and AdaptiveDiffusion skip whole steps there"))
 
     def split_images(self) -> None:
         """Decide per image from here on: one fresh copy of this (just reset) oracle per image of the run, each reset
@@ -285,6 +307,8 @@ class Oracle:
             self._last_computed = None
             self._last = None
             self._conditioning_changed(state)
+        if self.adapts_guidance and not self.run.guided:
+            return Decision.FULL
         proposed = self._decide(state)
         if not isinstance(proposed, Decision):
             raise TypeError(f"{type(self).__name__}._decide returned {proposed!r}, not a Decision")
@@ -303,7 +327,7 @@ class Oracle:
 
     def _record(self, record: StepRecord, wasted_nfe: int, fallback_from: Decision | None) -> None:
         self.decisions.append(record.decision)
-        self.nfe += record.decision.nfe + wasted_nfe
+        self.nfe += self.run.rows(record.decision) + wasted_nfe
         if fallback_from is not None:
             self.overrides.append((record.index, f"{fallback_from.name} -> FULL: non-finite prediction"))
         if record.decision is Decision.CACHED:
@@ -350,7 +374,7 @@ class Oracle:
         return RunSummary(
             steps=steps,
             nfe=self.nfe,
-            nfe_full=2 * steps,
+            nfe_full=(self.run.rows_full if self.run is not None else 2) * steps,
             counts={d.name: sum(1 for x in self.decisions if x is d) for d in Decision},
             ag_switch_step=self.switch_step,
             overrides=tuple(self.overrides),

@@ -79,6 +79,7 @@ class CFGTruncation(Schedule):
     """
 
     name = "cfg-truncation"
+    adapts_guidance = True
 
     def __init__(self, fraction: float) -> None:
         self.fraction = _check_real("fraction", fraction, 0.0, 1.0)
