@@ -1,7 +1,12 @@
-"""The embedded default model: a small class-conditional digits UNet on Stable Diffusion's discrete schedule.
+"""The embedded models: two small class-conditional digits UNets, one per model family users run.
 
-It is eps-parameterised and plugs into ``k_diffusion.external.DiscreteEpsDDPMDenoiser`` exactly as SD plugs into
-``CompVisDenoiser``: the denoiser feeds it ``x * c_in`` (the variance-preserving latent) and a fractional timestep.
+* The digits model (``load_denoiser``) is eps-parameterised on Stable Diffusion's discrete schedule and plugs into
+  ``k_diffusion.external.DiscreteEpsDDPMDenoiser`` exactly as SD plugs into ``CompVisDenoiser``: the denoiser feeds
+  it ``x * c_in`` (the variance-preserving latent) and a fractional timestep.
+* The flow digits model (``load_flow_denoiser``) is the same network trained with rectified flow, as SD3, Flux and
+  Wan are: velocity prediction, a logit-normal sigma, ``x = (1 - sigma) * x0 + sigma * noise``; it is a
+  :class:`~adaptive_sampler.flow.FlowDenoiser` (sigma_max 1, ComfyUI's ``CONST``) with a schedule ``shift``.
+
 Labels 0-9 are digits, label 10 is the null label used for the unconditional prediction. The weights ship in the
 package (``weights/``) and are reproduced by ``python -m adaptive_sampler train-model``.
 """
@@ -16,6 +21,7 @@ import torch
 from k_diffusion.external import DiscreteEpsDDPMDenoiser
 from safetensors.torch import load_file
 
+from ..flow import FlowDenoiser
 from .classifier import DigitsClassifier
 from .data import load_digits_dataset
 from .unet import DigitsUNet
@@ -26,8 +32,8 @@ IMAGE_SHAPE = (1, 16, 16)
 WEIGHTS_DIR = Path(str(resources.files(__name__) / "weights"))
 
 __all__ = ["NUM_CLASSES", "NULL_LABEL", "IMAGE_SHAPE", "WEIGHTS_DIR", "DigitsUNet", "DigitsClassifier",
-           "sd_alphas_cumprod", "load_unet", "load_denoiser", "load_classifier", "load_digits_dataset",
-           "reference_statistics"]
+           "sd_alphas_cumprod", "load_unet", "load_denoiser", "load_flow_unet", "load_flow_denoiser",
+           "load_classifier", "load_digits_dataset", "reference_statistics"]
 
 
 def sd_alphas_cumprod() -> torch.Tensor:
@@ -58,6 +64,17 @@ def load_unet() -> DigitsUNet:
 def load_denoiser(device: str | torch.device = "cpu") -> DiscreteEpsDDPMDenoiser:
     """The embedded UNet as a k-diffusion denoiser: ``denoiser(x, sigma, cond=labels)`` returns x0."""
     return DiscreteEpsDDPMDenoiser(load_unet(), sd_alphas_cumprod(), quantize=False).to(device)
+
+
+def load_flow_unet() -> DigitsUNet:
+    """A fresh copy of the shipped flow UNet (velocity prediction, timestep = sigma * 1000; eval mode, float32)."""
+    return _load(DigitsUNet(NUM_CLASSES), "flow_unet.safetensors")
+
+
+def load_flow_denoiser(shift: float = 1.0, device: str | torch.device = "cpu") -> FlowDenoiser:
+    """The embedded flow UNet as a k-diffusion denoiser (``denoiser(x, sigma, cond=labels)`` returns x0), its schedule
+    shifted by ``shift`` (1: as trained; SD3 samples with 3)."""
+    return FlowDenoiser(load_flow_unet(), shift=shift).to(device)
 
 
 def reference_statistics() -> tuple[np.ndarray, np.ndarray]:

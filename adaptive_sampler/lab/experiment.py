@@ -6,8 +6,10 @@ Sample ``j``'s initial latent and, on stochastic samplers, every noise draw depe
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -16,6 +18,7 @@ import torch
 import k_diffusion as K
 
 from .. import embedded
+from ..flow import is_flow_model
 from ..oracles import FullCFG, Oracle, RunSummary
 from ..sampling import SAMPLERS, get_sigmas_ddim
 
@@ -30,8 +33,24 @@ class Target:
     num_classes: int
     null_label: int
 
+    @property
+    def flow(self) -> bool:
+        """Whether the model is a flow-matching model (sigma_max 1, :mod:`adaptive_sampler.flow`)."""
+        return is_flow_model(self.model)
 
-def embedded_target() -> Target:
+
+#: The model families the lab measures: SD-style (eps on SD's discrete schedule) and flow matching.
+FAMILIES = ("sd", "flow")
+
+
+def embedded_target(family: str = "sd") -> Target:
+    """The shipped model of a family: the digits model (``"sd"``) or the flow digits model (``"flow"``, unshifted;
+    its schedules :data:`FLOW_SCHEDULES` shift it)."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    if family == "flow":
+        return Target(embedded.load_flow_denoiser(), "embedded-flow-digits-v1", embedded.IMAGE_SHAPE,
+                      embedded.NUM_CLASSES, embedded.NULL_LABEL)
     return Target(embedded.load_denoiser(), "embedded-digits-v1", embedded.IMAGE_SHAPE, embedded.NUM_CLASSES,
                   embedded.NULL_LABEL)
 
@@ -59,13 +78,16 @@ def load_target(spec: str | None) -> Target:
 
 
 def sigmas_for(target: Target, sampler: str, steps: int) -> torch.Tensor:
-    """The schedule each sampler is benchmarked on: the DDIM grid for DDIM, the model's uniform discrete schedule
-    (k-diffusion ``get_sigmas``, A1111's "Automatic" for Euler) otherwise."""
+    """The schedule each sampler is benchmarked on: the DDIM grid for DDIM, the model's own schedule otherwise
+    (k-diffusion ``get_sigmas``: uniform in timestep, A1111's "Automatic"; a flow model's "simple" schedule)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if sampler == "ddim":
+        if target.flow:
+            raise ValueError(f"{target.name} is a flow model: DDIM is for SD-style models (on a flow model DDIM with "
+                             "eta 0 is Euler); choose one of " + ", ".join(variants_for(target)))
         return get_sigmas_ddim(steps, target.model)
     return target.model.get_sigmas(steps)
 
@@ -81,16 +103,54 @@ SAMPLER_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "ddim_eta1": ("ddim", {"eta": 1.0}),
 }
 
-#: Noise schedules: the model's own (uniform in timestep, A1111's "Automatic") and Karras et al.'s (rho 7).
+#: Noise schedules of the SD-style model: its own (uniform in timestep, A1111's "Automatic") and Karras et al.'s
+#: (rho 7).
 SCHEDULES = ("default", "karras")
+#: Schedules of a flow model: its own ("simple", evenly in schedule time) shifted as SD3's ``shift`` does (ComfyUI's
+#: ModelSamplingSD3 node); "shift 1" is unshifted. Any ``"shift <number>"`` is accepted.
+FLOW_SCHEDULES = ("shift 1", "shift 3")
+
+
+def variants_for(target: Target) -> list[str]:
+    """The sampler variants that run on a target: all of :data:`SAMPLER_VARIANTS`, without DDIM on a flow model."""
+    return [v for v in SAMPLER_VARIANTS if not (target.flow and SAMPLER_VARIANTS[v][0] == "ddim")]
+
+
+def schedules_for(target: Target) -> tuple[str, ...]:
+    """The schedules the lab measures on a target by default: :data:`FLOW_SCHEDULES` or :data:`SCHEDULES`."""
+    return FLOW_SCHEDULES if target.flow else SCHEDULES
+
+
+def flow_shift(schedule: str) -> float:
+    """The shift of a flow schedule name ``"shift <number>"``."""
+    try:
+        name, value = schedule.split()
+        shift = float(value)
+    except ValueError:
+        name, shift = "", math.nan
+    if name != "shift" or not math.isfinite(shift) or shift <= 0:
+        raise ValueError(f"a flow model's schedule is 'shift <positive number>' (e.g. {', '.join(FLOW_SCHEDULES)}), "
+                         f"got {schedule!r}")
+    return shift
+
+
+def on_schedule(target: Target, schedule: str) -> Target:
+    """The target whose model samples on ``schedule``: for a flow model the network with its schedule shifted
+    (sigmas, ``percent_to_sigma`` and the DPM++ SDE offset follow the shift, as in ComfyUI); otherwise ``target``."""
+    if not target.flow:
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+        return target
+    shift = flow_shift(schedule)
+    return dataclasses.replace(target, model=target.model.with_shift(shift))
 
 
 def schedule_sigmas(target: Target, sampler: str, steps: int, schedule: str) -> torch.Tensor | None:
     """The sigmas of ``schedule`` for ``sampler`` (None: the sampler's default grid, see :func:`sigmas_for`).
-    DDIM keeps its own timestep grid whatever the schedule, as in A1111."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-    if schedule == "default" or sampler == "ddim":
+    DDIM keeps its own timestep grid whatever the schedule, as in A1111. A flow model's schedules are its own,
+    shifted (see :func:`on_schedule`)."""
+    target = on_schedule(target, schedule)
+    if target.flow or schedule == "default" or sampler == "ddim":
         return None
     model = target.model
     return K.sampling.get_sigmas_karras(steps, float(model.sigma_min), float(model.sigma_max))
@@ -113,7 +173,7 @@ def generate_variant(target: Target, variant: str, schedule: str, steps: int, sc
     if variant not in SAMPLER_VARIANTS:
         raise ValueError(f"unknown sampler variant {variant!r}; choose one of {', '.join(SAMPLER_VARIANTS)}")
     sampler, kwargs = SAMPLER_VARIANTS[variant]
-    return generate(target, sampler, steps, scale, labels, seeds, oracle=oracle,
+    return generate(on_schedule(target, schedule), sampler, steps, scale, labels, seeds, oracle=oracle,
                     sigmas=schedule_sigmas(target, sampler, steps, schedule), **kwargs)
 
 
