@@ -24,6 +24,13 @@ class CountingModel(torch.nn.Module):
     def sigmas(self):
         return self.inner.sigmas
 
+    @property
+    def sigma_max(self):  # a flow model (sigma_max 1) stays recognisable through the counter
+        return self.inner.sigma_max
+
+    def percent_to_sigma(self, percent):
+        return self.inner.percent_to_sigma(percent)
+
 
 @pytest.fixture(scope="session")
 def denoiser():
