@@ -14,6 +14,7 @@ import torch
 
 import comfy_standin as C
 from adaptive_sampler import embedded, oracles as O, sampling as S
+from adaptive_sampler.flow import FlowDenoiser
 from adaptive_sampler.hosts import comfyui as H
 from conftest import CountingModel
 
@@ -40,31 +41,38 @@ def adapting(**widgets):
 
 
 def run(model, sampler="euler", settings=None, batch=1, seed=0, steps=STEPS, cfg=SCALE, extra=None, guider_cls=None,
-        function=None, labels=None):
-    """One sampling call through the stand-in; returns (output, patched ModelPatcher or None)."""
-    patcher = C.ModelPatcher(model)
-    if settings is not None:
-        patcher = H.apply_patch(patcher, settings)
+        function=None, labels=None, sampling=None, shape=embedded.IMAGE_SHAPE, sigmas=None, noise=None,
+        latent_image=None, patcher=None):
+    """One sampling call through the stand-in; returns (output, patched ModelPatcher or None). ``sampling``: the
+    model's ComfyUI ``model_sampling`` (default: SD-style); ``shape``: one sample's latent shape; ``patcher``: an
+    already patched model (``settings`` is then not used)."""
+    if patcher is None:
+        patcher = C.ModelPatcher(model, sampling)
+        if settings is not None:
+            patcher = H.apply_patch(patcher, settings)
     labels = torch.arange(batch) % embedded.NUM_CLASSES if labels is None else labels
     guider = (guider_cls or C.CFGGuider)(patcher, cfg, labels, torch.full_like(labels, embedded.NULL_LABEL))
-    sigmas = model.inner.get_sigmas(steps) if hasattr(model, "inner") else model.get_sigmas(steps)
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn((batch, *embedded.IMAGE_SHAPE), generator=g)
+    if sigmas is None:
+        sigmas = model.inner.get_sigmas(steps) if hasattr(model, "inner") else model.get_sigmas(steps)
+    if noise is None:
+        noise = torch.randn((batch, *shape), generator=torch.Generator().manual_seed(seed))
     fn = function or getattr(sys.modules["comfy.k_diffusion.sampling"], f"sample_{sampler}")
     torch.manual_seed(seed + 1)  # ancestral / SDE noise
-    return guider.sample(noise, C.KSAMPLER(fn, extra or {}), sigmas, seed=seed), patcher
+    return guider.sample(noise, C.KSAMPLER(fn, extra or {}), sigmas, seed=seed, latent_image=latent_image), patcher
 
 
 def last_report(patcher):
     return patcher.model_options["transformer_options"][H.KEY].reports[-1]
 
 
-def library(model, sampler, oracle, batch=1, seed=0, steps=STEPS, **kw):
-    """The same run through the library's own loops (adaptive_sampler.sampling)."""
-    sigmas = model.get_sigmas(steps)
+def library(model, sampler, oracle, batch=1, seed=0, steps=STEPS, shape=embedded.IMAGE_SHAPE, sigmas=None, x=None,
+            **kw):
+    """The same run through the library's own loops (adaptive_sampler.sampling); ``x``: the initial latent (default:
+    the seed's noise at the first sigma)."""
+    sigmas = model.get_sigmas(steps) if sigmas is None else sigmas
     labels = torch.arange(batch) % embedded.NUM_CLASSES
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn((batch, *embedded.IMAGE_SHAPE), generator=g) * sigmas[0]
+    if x is None:
+        x = torch.randn((batch, *shape), generator=torch.Generator().manual_seed(seed)) * sigmas[0]
     torch.manual_seed(seed + 1)
     args = dict(cond=labels, uncond=torch.full_like(labels, embedded.NULL_LABEL), cond_scale=SCALE)
     return getattr(S, f"sample_{sampler}")(model, x, sigmas, extra_args=args, oracle=oracle, disable=True, **kw)
@@ -300,3 +308,189 @@ def test_runs_shorter_than_min_steps_run_unchanged_and_say_so(model, caplog):
 def test_a_bad_min_steps_is_refused_naming_it(value):
     with pytest.raises(ValueError, match="min_steps"):
         H.ComfySettings(min_steps=value)
+
+
+# -- flow models: what ComfyUI samples as CONST (SD3, Flux, Wan, HunyuanVideo, LTX, any model behind ModelSamplingSD3 /
+# ModelSamplingFlux / ModelSamplingAuraFlow) -------------------------------------------------------------------------
+FLOW_SHIFT = 3.0  # SD3's, and ModelSamplingSD3's default
+
+
+@pytest.fixture(scope="module")
+def flow_denoiser():
+    """The digits UNet read as a velocity model on SD3's shifted schedule: a flow model for the mechanics (its
+    predictions are not a trained flow model's, which these tests do not need)."""
+    return FlowDenoiser(embedded.load_unet(), shift=FLOW_SHIFT)
+
+
+@pytest.fixture
+def flow_model(flow_denoiser):
+    return CountingModel(flow_denoiser)
+
+
+def flow_sampling(model):
+    return C.ModelSamplingDiscreteFlow(model.inner if hasattr(model, "inner") else model)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde"])
+def test_comfyuis_flow_samplers_equal_the_library_loops(flow_model, flow_denoiser, sampler):
+    """The stand-in's flow formulas (ComfyUI's RF ancestral step, half-log-SNR DPM++ 2M SDE from an offset first
+    sigma) and the library's flow loops are the same sampler: the comparisons below compare like with like."""
+    plain, _ = run(flow_model, sampler, batch=2, sampling=flow_sampling(flow_model))
+    torch.testing.assert_close(plain, library(flow_denoiser, sampler, O.FullCFG(), batch=2), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde"])
+def test_a_flow_model_is_adapted_as_one_and_equals_the_library_loop(flow_model, flow_denoiser, sampler):
+    out, patched = run(flow_model, sampler, adapting(), batch=2, sampling=flow_sampling(flow_model))
+    report = last_report(patched)
+    assert report.flow and ", flow model, " in report.line() and "stopped" not in report.note
+    assert report.nfe * 2 == flow_model.rows and report.nfe < report.nfe_full == 2 * STEPS
+    expected = library(flow_denoiser, sampler, O.recommended(), batch=2)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["euler_ancestral", "dpmpp_2m_sde"])
+def test_mode_off_is_bit_identical_on_a_flow_model(flow_model, sampler):
+    plain, _ = run(flow_model, sampler, sampling=flow_sampling(flow_model))
+    off, patched = run(flow_model, sampler, adapting(mode="off"), sampling=flow_sampling(flow_model))
+    assert torch.equal(plain, off) and last_report(patched).nfe == 2 * STEPS
+
+
+@pytest.mark.parametrize("sampler,offset", [("euler", False), ("dpmpp_2m_sde", True), ("dpmpp_3m_sde", True)])
+@pytest.mark.parametrize("cfg", [SCALE, 1.0])
+def test_the_oracle_is_told_flow_guidance_and_the_sigmas_the_sampler_calls(flow_model, flow_denoiser, sampler, offset,
+                                                                            cfg):
+    sampling = sys.modules["comfy.k_diffusion.sampling"]
+    sigmas = flow_denoiser.get_sigmas(STEPS)
+    labels = torch.tensor([1])
+    patchers = ((C.ModelPatcher(flow_model, flow_sampling(flow_model)), True), (C.ModelPatcher(flow_model), False))
+    for patcher, flow in patchers:
+        guider = C.CFGGuider(patcher, cfg, labels, torch.full_like(labels, embedded.NULL_LABEL))
+        run_ = H.begin_run(adapting(), guider, C.KSAMPLER(getattr(sampling, f"sample_{sampler}")), sigmas, 1)
+        info = run_.oracle.run
+        assert (info.flow, info.guided, run_.rows_full) == (flow, cfg != 1.0, 2 if cfg != 1.0 else 1)
+        first = flow_denoiser.percent_to_sigma(1e-4) if offset and flow else 1.0
+        assert info.sigmas[0] == pytest.approx(first, rel=1e-6) and info.sigmas[1:] == tuple(sigmas[1:].tolist())
+
+
+def test_cfg_one_on_a_flow_model_forecasts_on_one_row(flow_model):
+    """Guidance-distilled flow models (Flux dev, Wan with a distill LoRA) run at cfg 1: one row per step."""
+    out, patched = run(flow_model, "euler", adapting(), cfg=1.0, sampling=flow_sampling(flow_model))
+    report = last_report(patched)
+    computed = int(O.LEVELS[O.DEFAULT_LEVEL][0] * STEPS + 1e-9)
+    assert report.flow and report.nfe_full == STEPS and report.nfe == flow_model.rows == computed
+
+
+# -- video latents (batch, channels, frames, height, width) ---------------------------------------------------------
+FRAMES = 3
+VIDEO_SHAPE = (embedded.IMAGE_SHAPE[0], FRAMES, *embedded.IMAGE_SHAPE[1:])
+
+
+class FrameModel(torch.nn.Module):
+    """A video denoiser on 5-D latents: a frame model applied to every frame of every video (one network row per
+    video, as a video model counts)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, sigma, cond):
+        b, c, t, h, w = x.shape
+        frames = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+        out = self.inner(frames, sigma.repeat_interleave(t), cond=cond.repeat_interleave(t))
+        return out.reshape(b, t, c, h, w).permute(0, 2, 1, 3, 4)
+
+    def get_sigmas(self, n):
+        return self.inner.get_sigmas(n)
+
+    def percent_to_sigma(self, percent):
+        return self.inner.percent_to_sigma(percent)
+
+    @property
+    def sigma_max(self):
+        return self.inner.sigma_max
+
+
+class PerVideoNoise:
+    """An ancestral noise sampler whose noise for each video comes from that video's own seed, so that a video gets
+    the same noise alone as in a batch."""
+
+    def __init__(self, seeds):
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def __call__(self, sigma, sigma_next):
+        return torch.stack([torch.randn(VIDEO_SHAPE, generator=g) for g in self.generators])
+
+
+@pytest.mark.parametrize("sampler", ["euler_ancestral", "dpmpp_2m"])
+def test_a_batch_of_videos_is_forecast_per_video(flow_denoiser, sampler):
+    """A batch of two videos gives each video what it gets alone, with the same decisions: the forecast works per
+    video (on Euler a, each video's x0 forecast weights come from its own errors: pooled over the batch they would
+    move these videos by 5e-4 to 3e-3 at this length and scale), and the frames of a video are one sample, not a
+    batch."""
+    video = CountingModel(FrameModel(flow_denoiser))
+    noise = torch.randn((2, *VIDEO_SHAPE), generator=torch.Generator().manual_seed(4))
+    labels = torch.tensor([2, 7])
+
+    def go(rows):
+        extra = {"noise_sampler": PerVideoNoise([10 + r for r in rows])} if sampler == "euler_ancestral" else None
+        return run(video, sampler, adapting(), batch=len(rows), sampling=flow_sampling(video), noise=noise[rows],
+                   labels=labels[rows], extra=extra, steps=2 * STEPS, cfg=8.0)
+
+    both, patched = go([0, 1])
+    report = last_report(patched)
+    assert report.batch == 2 and report.flow and report.nfe * 2 == video.rows and "S" in report.schedule
+    for i in range(2):
+        one, single = go([i])
+        torch.testing.assert_close(one[0], both[i], rtol=0, atol=1e-4)
+        assert last_report(single).schedule == report.schedule and last_report(single).batch == 1
+
+
+def test_a_video_run_equals_the_library_loop(flow_denoiser):
+    video = FrameModel(flow_denoiser)
+    out, patched = run(CountingModel(video), "euler_ancestral", adapting(), batch=2, sampling=flow_sampling(video),
+                       shape=VIDEO_SHAPE)
+    assert out.shape == (2, *VIDEO_SHAPE) and last_report(patched).batch == 2
+    expected = library(video, "euler_ancestral", O.recommended(), batch=2, shape=VIDEO_SHAPE)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+# -- a change of model between two sampling passes (Wan 2.2's high-noise and low-noise experts) -----------------------
+def expert(seed):
+    """Another model of the same architecture: the digits UNet with its weights perturbed by a seeded 5%."""
+    unet = embedded.load_unet()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.mul_(1 + 0.05 * torch.randn(p.shape, generator=g))
+    return FlowDenoiser(unet, shift=FLOW_SHIFT)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "euler_ancestral"])
+def test_a_model_switch_between_passes_starts_a_fresh_run(sampler):
+    """As in ComfyUI's Wan 2.2 workflow: KSamplerAdvanced steps 0-10 of 20 on the high-noise model (leftover noise
+    returned), then steps 10-20 on the low-noise model from that latent with no noise added. Each pass is a run of
+    its own: its plan is a fresh oracle's on its own sigmas and nothing of the first model's predictions is
+    forecast into the second pass, which equals the library loop on the second model alone."""
+    high, low = expert(1), expert(2)
+    sigmas = high.get_sigmas(2 * STEPS)
+    first_sigmas, second_sigmas = sigmas[:STEPS + 1], sigmas[STEPS:]
+    settings = adapting()
+    models = [CountingModel(high), CountingModel(low)]
+    patchers = [H.apply_patch(C.ModelPatcher(m, flow_sampling(m)), settings) for m in models]
+    noise = torch.randn((1, *embedded.IMAGE_SHAPE), generator=torch.Generator().manual_seed(3))
+    first, _ = run(models[0], sampler, patcher=patchers[0], sigmas=first_sigmas, noise=noise)
+    leftover = first * (1 - first_sigmas[-1])  # what the sampler returned before ComfyUI's inverse noise scaling
+    second, _ = run(models[1], sampler, patcher=patchers[1], sigmas=second_sigmas, noise=torch.zeros_like(noise),
+                    latent_image=first, seed=1)
+    reports = [last_report(p) for p in patchers]
+    for report, pass_sigmas in zip(reports, (first_sigmas, second_sigmas)):
+        plan = O.recommended()
+        plan.reset(O.RunInfo(sampler=f"sample_{sampler}", sigmas=tuple(pass_sigmas.tolist()), batch_size=1,
+                             stochastic=report.stochastic, flow=True))
+        assert report.steps == STEPS and report.flow and "stopped" not in report.note
+        assert report.schedule == "".join("F" if i in plan.plan else "S" for i in range(STEPS))
+    torch.testing.assert_close(first, library(high, sampler, O.recommended(), sigmas=first_sigmas, x=noise) /
+                               (1 - first_sigmas[-1]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(second, library(low, sampler, O.recommended(), sigmas=second_sigmas, x=leftover, seed=1),
+                               rtol=0, atol=1e-5)

@@ -69,11 +69,19 @@ class OracleRun:
     ``sigmas`` are the run's sigmas (steps + 1 values): each model call must be at the next one, and a call that is
     not stops the adaptation for the rest of the run (full CFG, noted), never a wrong step count. Without sigmas
     (Forge's timestep DDIM) ``steps`` gives the length and calls are taken in order. ``rows_full`` is what an
-    unadapted step costs per image: 2 with an unconditional pass, 1 without (CFG 1, distilled-CFG models).
+    unadapted step costs per image: 2 with an unconditional pass, 1 without (CFG 1, distilled-CFG models); the
+    oracle is told the run is unguided then (``RunInfo.guided``). ``flow`` says the model is a flow-matching model
+    (``RunInfo.flow``: the oracle plans such runs differently).
     """
 
     def __init__(self, oracle: Oracle | None, sampler: str, sigmas: Sequence[float] | torch.Tensor | None,
-                 batch: int, stochastic: bool, rows_full: int = 2, steps: int | None = None) -> None:
+                 batch: int, stochastic: bool, rows_full: int = 2, steps: int | None = None,
+                 flow: bool = False) -> None:
+        if rows_full not in (1, 2) or isinstance(rows_full, bool):
+            raise ValueError(f"rows_full must be 2 (conditional and unconditional rows) or 1 (one row: CFG 1), "
+                             f"got {rows_full!r}")
+        if not isinstance(flow, bool):
+            raise TypeError(f"flow must be True or False, got {flow!r}")
         if isinstance(sigmas, torch.Tensor):
             sigmas = sigmas.reshape(-1).tolist()
         self.sigmas = None if sigmas is None else [float(s) for s in sigmas]
@@ -85,13 +93,15 @@ class OracleRun:
         self.batch = batch
         self.stochastic = stochastic
         self.rows_full = rows_full
+        self.flow = flow
         self.stopped: str | None = None
         self.next_index = 0
         self.nfe = 0
         self.schedule: list[str] = []
         if self.oracle is not None:
             self.oracle.reset(RunInfo(sampler=sampler, sigmas=tuple(self.sigmas or ()), batch_size=batch,
-                                      steps=self.steps, stochastic=stochastic))
+                                      steps=self.steps, stochastic=stochastic, flow=flow,
+                                      guided=rows_full == 2))
 
     @property
     def active(self) -> bool:

@@ -24,6 +24,11 @@ line. A call whose sigma is not the next step's stops the adaptation for the res
 never a wrong step count. That bookkeeping (which call is which step, NFE, the oracle's records) is
 :class:`~adaptive_sampler.hosts.backend.OracleRun`, shared with the Forge host, whose backend derives from ComfyUI's.
 
+Each run tells its oracle what ComfyUI's samplers see: a flow model (its ``model_sampling`` is a ``CONST``: SD3, Flux,
+Wan, or any model behind a ModelSampling* node) with the sigmas the sampler really calls (its half-log-SNR samplers
+offset a first sigma of 1), and whether the run is guided (cfg 1 evaluates one row per step). A latent's first
+dimension is the batch whatever its rank: a 5-D video latent is a batch of videos, each forecast on its own.
+
 The module is over 300 lines because it is the whole ComfyUI host (its glue needs no other host).
 """
 
@@ -52,6 +57,13 @@ MODES = O.HOST_MODES
 
 #: The samplers added to ComfyUI's KSampler list as ``<base>_adaptive``.
 ADAPTIVE_SAMPLERS = ("euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde")
+
+#: ComfyUI's one-call samplers that step in half-log-SNR: on a flow model a schedule starting at sigma 1 (log-SNR
+#: -inf) makes them call the model first at ``offset_first_sigma_for_snr(sigmas, model_sampling)``, which is then the
+#: run's first sigma.
+HALF_LOG_SNR_SAMPLERS = frozenset({"sample_dpmpp_2m_sde", "sample_dpmpp_2m_sde_gpu", "sample_dpmpp_2m_sde_heun",
+                                   "sample_dpmpp_2m_sde_heun_gpu", "sample_dpmpp_3m_sde", "sample_dpmpp_3m_sde_gpu",
+                                   "sample_er_sde"})
 
 
 def _defaults() -> dict[str, Any]:
@@ -157,6 +169,7 @@ class RunReport:
     steps: int
     batch: int
     stochastic: bool
+    flow: bool
     nfe: int
     nfe_full: int
     schedule: str
@@ -171,7 +184,8 @@ class RunReport:
         ratio = f" ({self.nfe / self.nfe_full:.0%})" if self.nfe_full else ""
         counts = ", ".join(f"{k} {v}" for k, v in self.counts.items())
         text = (f"Adaptive Sampling [{self.mode}] {self.sampler}: {self.steps} steps, batch {self.batch}, "
-                f"{'stochastic' if self.stochastic else 'deterministic'}, NFE {self.nfe}/{self.nfe_full} per image"
+                f"{'stochastic' if self.stochastic else 'deterministic'}{', flow model' if self.flow else ''}, "
+                f"NFE {self.nfe}/{self.nfe_full} per image"
                 f"{ratio}" + (f"; {counts}; decisions {self.schedule}" if self.schedule else ""))
         return text + (f"; {self.note}" if self.note else "")
 
@@ -190,17 +204,18 @@ class AdaptivePatch:
 
 
 class AdaptiveRun(OracleRun):
-    """One sampling run under one oracle (created per run, dropped when the run ends)."""
+    """One sampling run under one oracle (created per run, dropped when the run ends). ``batch`` counts the samples
+    of the latent's first dimension: images, or videos for a 5-D video latent, whose frames are one sample."""
 
     def __init__(self, settings: ComfySettings, sampler: str, sigmas: torch.Tensor, batch: int, cfg: float,
-                 stochastic: bool, reason: str | None = None, cfg1: bool = False) -> None:
+                 stochastic: bool, reason: str | None = None, cfg1: bool = False, flow: bool = False) -> None:
         steps = sigmas.numel() - 1
         if reason is None and cfg1 and settings.mode in GUIDANCE_MODES:
             reason = "cfg is 1: ComfyUI evaluates no unconditional prediction, so there is no guidance to adapt"
         if reason is None and settings.mode != "off" and steps < settings.min_steps:
             reason = f"is a {steps}-step run, below min_steps ({settings.min_steps})"
         super().__init__(settings.build_oracle() if reason is None else None, sampler, sigmas, batch, stochastic,
-                         rows_full=1 if cfg1 else 2)
+                         rows_full=1 if cfg1 else 2, flow=flow)
         self.settings = settings
         self.reason = reason
         self.capturing = False
@@ -295,7 +310,7 @@ class AdaptiveRun(OracleRun):
         nfe_full = self.nfe_full if adapting else self.nfe
         fp = latent_fingerprint(output) if isinstance(output, torch.Tensor) and not output.is_nested else ()
         return RunReport(sampler=self.sampler, mode=self.settings.describe() if adapting or self.reason else "off",
-                         steps=self.steps, batch=self.batch, stochastic=self.stochastic, nfe=self.nfe,
+                         steps=self.steps, batch=self.batch, stochastic=self.stochastic, flow=self.flow, nfe=self.nfe,
                          nfe_full=nfe_full, schedule="".join(self.schedule), note="; ".join(notes), fingerprint=fp)
 
 
@@ -311,6 +326,29 @@ def _copy_options(options: dict) -> dict:
             for k, v in options.items()}
 
 
+def model_sampling(guider: Any) -> Any:
+    """The model's ``model_sampling`` object, found where ComfyUI's own samplers look for it (the guider's
+    ModelPatcher, so that a ModelSampling* node's patch counts)."""
+    return guider.model_patcher.get_model_object("model_sampling")
+
+
+def is_flow(sampling: Any) -> bool:
+    """Whether ComfyUI samples the model as a flow model: its ``model_sampling`` is a ``CONST`` (SD3, Flux, Wan,
+    HunyuanVideo, LTX, or any model behind a ModelSamplingSD3 / Flux / AuraFlow node), as its samplers test."""
+    import comfy.model_sampling
+    return isinstance(sampling, comfy.model_sampling.CONST)
+
+
+def run_sigmas(sampler: str, sigmas: torch.Tensor, sampling: Any, flow: bool) -> torch.Tensor:
+    """The sigmas the sampler will call the model at: on a flow model ComfyUI's half-log-SNR samplers move a first
+    sigma of 1 down by its own ``offset_first_sigma_for_snr``."""
+    if not flow or sampler not in HALF_LOG_SNR_SAMPLERS:
+        return sigmas
+    import comfy.k_diffusion.sampling as k_sampling
+    offset = getattr(k_sampling, "offset_first_sigma_for_snr", None)  # absent in ComfyUI before half-log-SNR steps
+    return sigmas if offset is None else offset(sigmas, sampling)
+
+
 def begin_run(settings: ComfySettings, guider: Any, sampler: Any, sigmas: torch.Tensor, batch: int) -> AdaptiveRun:
     name, stochastic, reason = classify_sampler(sampler)
     if reason is None and not _is_cfg_guider(guider):
@@ -319,7 +357,12 @@ def begin_run(settings: ComfySettings, guider: Any, sampler: Any, sigmas: torch.
     cfg = float(getattr(guider, "cfg", 1.0))
     options = getattr(guider, "model_options", None) or {}
     cfg1 = math.isclose(cfg, 1.0) and not options.get("disable_cfg1_optimization", False)
-    run = AdaptiveRun(settings, name, sigmas, batch, cfg, stochastic, reason, cfg1)
+    flow = False
+    if reason is None:
+        sampling = model_sampling(guider)
+        flow = is_flow(sampling)
+        sigmas = run_sigmas(name, sigmas, sampling, flow)
+    run = AdaptiveRun(settings, name, sigmas, batch, cfg, stochastic, reason, cfg1, flow)
     if run.reason and settings.mode != "off":
         log.info("Adaptive Sampling: %s %s; running it unchanged", name, run.reason)
     return run
