@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +24,16 @@ def _scale(text: str) -> float:
     if not value == value or value in (float("inf"), float("-inf")):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value
+
+
+def _flow_schedule(text: str) -> str:
+    from .lab.experiment import flow_shift
+
+    try:
+        flow_shift(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 DEMO_ORACLES = ("full", "ag", "linear-ag", "adaptive-diffusion", "compose", "recommended")
@@ -46,43 +57,131 @@ def demo_oracle(name: str, sampler: str, steps: int, schedule: str = "default") 
     return labels[name], (O.recommended() if name == "recommended" else O.make_oracle(name))
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .embedded import load_classifier
-    from .lab.experiment import SAMPLER_VARIANTS, embedded_target, generate_variant, variant_schedules
-    from .lab.images import save_grid
-    from .lab.metrics import PSNR_CAP, classifier_accuracy, psnr
+class _DemoRuns:
+    """The demo's runs on one model, each computed once: the table, the grid and the figure share them."""
 
-    torch.set_num_threads(args.threads)
-    target = embedded_target()
-    classifier = load_classifier()
+    def __init__(self, target, labels: list[int], seeds: list[int], steps: int) -> None:
+        self.target, self.labels, self.seeds, self.steps = target, labels, seeds, steps
+        self._done: dict[tuple, tuple[str, torch.Tensor, object]] = {}
+
+    def run(self, variant: str, schedule: str, scale: float, oracle_name: str, steps: int | None = None
+            ) -> tuple[str, torch.Tensor, "object"]:
+        """(row label, images, run summary) of one oracle of :data:`DEMO_ORACLES` in one cell."""
+        from .lab.experiment import SAMPLER_VARIANTS, generate_variant
+
+        steps = self.steps if steps is None else steps
+        key = (variant, schedule, scale, oracle_name, steps)
+        if key not in self._done:
+            name, oracle = demo_oracle(oracle_name, SAMPLER_VARIANTS[variant][0], steps, schedule)
+            images, summary = generate_variant(self.target, variant, schedule, steps, scale, self.labels, self.seeds,
+                                               oracle=oracle)
+            self._done[key] = (name, images, summary)
+        return self._done[key]
+
+    def fewer_steps(self, variant: str, schedule: str, scale: float) -> tuple[int, torch.Tensor, "object"]:
+        """Full CFG on as many steps as the default computes (the baseline at equal NFE): (steps, images, summary)."""
+        ratio = self.run(variant, schedule, scale, "recommended")[2].nfe_ratio
+        steps = max(1, int(math.floor(ratio * self.steps + 1e-9)))
+        return steps, *self.run(variant, schedule, scale, "full", steps)[1:]
+
+    def psnr(self, variant: str, schedule: str, scale: float, images: torch.Tensor) -> float:
+        """Mean PSNR of ``images`` against full CFG in the same cell."""
+        from .lab.metrics import psnr
+
+        return float(psnr(images, self.run(variant, schedule, scale, "full")[1]).mean())
+
+
+#: The figure's title per model family.
+DEMO_FAMILY_TITLES = {"sd": "SD-style digits model", "flow": "Flow-matching digits model"}
+#: Images per group in the demo's figure.
+DEMO_FIGURE_IMAGES = 4
+
+
+def demo_family(family: str, args: argparse.Namespace, classifier) -> tuple[list[tuple[str, torch.Tensor]], Path]:
+    """Print one model family's table and write its figure; returns the family's rows of the grid and the figure."""
+    from .lab.experiment import embedded_target, variant_schedules, variants_for
+    from .lab.metrics import PSNR_CAP, classifier_accuracy
+
+    target = embedded_target(family)
+    variants = [v for v in args.samplers if v in variants_for(target)]
+    if not variants:
+        raise ValueError(f"none of the samplers {', '.join(args.samplers)} runs on the {family} model (DDIM is for "
+                         f"SD-style models); add one of {', '.join(variants_for(target))} or leave out {family} "
+                         "from --families")
+    schedules = args.flow_schedules if target.flow else args.schedules
     labels = [c for c in range(target.num_classes) for _ in range(args.per_class)]
-    seeds = [args.seed + j for j in range(len(labels))]
-    plans = [(scale, variant, schedule, o) for scale in args.scales
-             for variant, schedule in variant_schedules(args.samplers, args.schedules) for o in args.oracles]
-    rows = []
-    print(f"embedded model, {args.steps} steps, {len(labels)} images per row; PSNR against full CFG with the same "
-          "seeds and noise draws")
+    runs = _DemoRuns(target, labels, [args.seed + j for j in range(len(labels))], args.steps)
+    cells = variant_schedules(variants, schedules)
+    print(f"\n{target.name} ({family}), {args.steps} steps, {len(labels)} images per row; PSNR against full CFG with "
+          "the same seeds and noise draws")
     print(f"{'scale':>5} {'sampler':<16} {'schedule':<8} {'oracle':<24} {'NFE/image':>10} {'of full':>8} "
           f"{'PSNR dB':>8} {'accuracy':>9}")
-    reference = {}
-    for scale, variant, schedule, oracle_name in tqdm(plans, desc="demo", leave=False):
-        name, oracle = demo_oracle(oracle_name, SAMPLER_VARIANTS[variant][0], args.steps, schedule)
-        images, summary = generate_variant(target, variant, schedule, args.steps, scale, labels, seeds, oracle=oracle)
-        key = (scale, variant, schedule)
-        if key not in reference:
-            reference[key] = images if oracle_name == "full" else generate_variant(
-                target, variant, schedule, args.steps, scale, labels, seeds)[0]
-        quality = float(psnr(images, reference[key]).mean())
+    rows = []
+
+    def show(scale: float, variant: str, schedule: str, name: str, images: torch.Tensor, summary) -> None:
+        quality = runs.psnr(variant, schedule, scale, images)
+        full_nfe = runs.run(variant, schedule, scale, "full")[2].nfe_per_image  # fewer steps: of the full run's
         acc = classifier_accuracy(images, torch.tensor(labels), classifier)
         shown = "inf" if quality >= PSNR_CAP else f"{quality:.1f}"
         tqdm.write(f"{scale:>5g} {variant:<16} {schedule:<8} {name:<24} {summary.nfe_per_image:>10.4g} "
-                   f"{summary.nfe_ratio:>8.0%} "
-                   f"{shown:>8} {acc:>9.1%}")
-        rows.append((f"scale {scale:g} | {variant} {schedule} | {name} | "
-                     f"NFE {summary.nfe_per_image:.4g}/{summary.nfe_full // summary.images} per image | "
-                     f"{shown} dB", images))
-    path = save_grid(rows, Path(args.out) / "demo.png", label_width=430)
-    print(f"wrote {path}")
+                   f"{summary.nfe_per_image / full_nfe:>8.0%} {shown:>8} {acc:>9.1%}")
+        rows.append((f"{family} | scale {scale:g} | {variant} {schedule} | {name} | "
+                     f"NFE {summary.nfe_per_image:.4g}/{full_nfe:.4g} per image | {shown} dB", images))
+
+    plans = [(scale, variant, schedule, o) for scale in args.scales for variant, schedule in cells for o in args.oracles]
+    for scale, variant, schedule, oracle_name in tqdm(plans, desc=f"demo {family}", leave=False):
+        show(scale, variant, schedule, *runs.run(variant, schedule, scale, oracle_name))
+        if oracle_name == "recommended":
+            steps, images, summary = runs.fewer_steps(variant, schedule, scale)
+            show(scale, variant, schedule, f"fewer steps ({steps})", images, summary)
+    return rows, demo_figure(family, runs, cells, args)
+
+
+def demo_figure(family: str, runs: _DemoRuns, cells: list[tuple[str, str]], args: argparse.Namespace) -> Path:
+    """The family's figure at the first scale: per sampler (on its first schedule) full CFG, the default and fewer
+    steps at the default's NFE (runs that the table did not need are computed here)."""
+    from .lab.figure import SAMPLER_TITLES, Group, SamplerRow, comparison_figure, pick_images
+
+    scale, schedule = args.scales[0], cells[0][1]
+    first = {}
+    for variant, cell_schedule in cells:
+        first.setdefault(variant, cell_schedule)
+    shown = pick_images(runs.labels, min(DEMO_FIGURE_IMAGES, len(set(runs.labels))))
+    rows = []
+    for variant, cell_schedule in first.items():
+        _, full, full_summary = runs.run(variant, cell_schedule, scale, "full")
+        _, default, default_summary = runs.run(variant, cell_schedule, scale, "recommended")
+        fewer_steps, fewer, fewer_summary = runs.fewer_steps(variant, cell_schedule, scale)
+        title = SAMPLER_TITLES[variant] + ("" if cell_schedule == schedule else f" ({cell_schedule} schedule)")
+        rows.append(SamplerRow(
+            title, Group(full[shown], args.steps, full_summary.nfe_per_image),
+            Group(default[shown], args.steps, default_summary.nfe_per_image,
+                  runs.psnr(variant, cell_schedule, scale, default)),
+            Group(fewer[shown], fewer_steps, fewer_summary.nfe_per_image,
+                  runs.psnr(variant, cell_schedule, scale, fewer))))
+    note = (f"NFE: network evaluations per image. PSNR: against full CFG with the same seeds and noise draws, the mean "
+            f"over the {len(runs.labels)} images of each run ({len(shown)} shown). The default is Forecast at level "
+            "balanced; fewer steps is full CFG on as many steps as the default computes. Green: the closer of the "
+            "two. Difference: |image − full CFG|, amplified (black: identical).")
+    return comparison_figure(rows, Path(args.out) / f"demo_{family}.png", note=note,
+                             title=f"{DEMO_FAMILY_TITLES[family]}: {args.steps} steps, scale {scale:g}, "
+                                   f"schedule {schedule}")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .embedded import load_classifier
+    from .lab.images import save_grid
+
+    torch.set_num_threads(args.threads)
+    classifier = load_classifier()
+    grid, figures = [], []
+    for family in args.families:
+        rows, figure = demo_family(family, args, classifier)
+        grid += rows
+        figures.append(figure)
+    path = save_grid(grid, Path(args.out) / "demo.png", label_width=480)
+    print(f"wrote {', '.join(str(f) for f in figures)} (full CFG | the default | fewer steps, per sampler) and "
+          f"{path} (every row of the tables)")
     return 0
 
 
@@ -184,7 +283,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .lab.experiment import SAMPLER_VARIANTS, SCHEDULES
+    from .lab.experiment import FAMILIES, FLOW_SCHEDULES, SAMPLER_VARIANTS, SCHEDULES
     from .sampling import SAMPLERS
 
     parser = argparse.ArgumentParser(prog="python -m adaptive_sampler", description=__doc__)
@@ -196,7 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--scales", type=_scale, nargs="+", default=[7.0], help="guidance scales (default 7, A1111's)")
     demo.add_argument("--samplers", nargs="+", choices=list(SAMPLER_VARIANTS), default=list(SAMPLER_VARIANTS),
                       help="sampler variants (ddim_eta1: DDIM with eta 1)")
-    demo.add_argument("--schedules", nargs="+", choices=list(SCHEDULES), default=list(SCHEDULES))
+    demo.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES),
+                      help="model families: sd (the SD-style model), flow (the flow-matching model); default both")
+    demo.add_argument("--schedules", nargs="+", choices=list(SCHEDULES), default=list(SCHEDULES),
+                      help="schedules of the SD-style model (DDIM keeps its own timestep grid)")
+    demo.add_argument("--flow-schedules", nargs="+", type=_flow_schedule, default=list(FLOW_SCHEDULES),
+                      help="schedules of the flow model, 'shift <number>' (default: 'shift 1' 'shift 3')")
     demo.add_argument("--oracles", nargs="+", choices=DEMO_ORACLES, default=list(DEMO_ORACLES))
     demo.add_argument("--per-class", type=_positive_int, default=2, help="images per digit class and row")
     demo.add_argument("--seed", type=int, default=0)
