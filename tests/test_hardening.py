@@ -257,6 +257,12 @@ def host_run(model, settings, sigmas, prompts, scale=3.0, s_min_uncond=0.0, chun
 ONE_EACH = [[(2, 1.0)], [(7, 1.0)]]
 
 
+def image_decisions(denoiser, image):
+    """The decisions an image of a host run got: its own oracle's when the run decided per image."""
+    oracle = denoiser.adaptive.oracle
+    return oracle.images[image].decisions if oracle.images else oracle.decisions
+
+
 @pytest.mark.parametrize("mode", HOST_MODES)
 def test_a_short_pass_never_fails_a_generation(denoiser, mode):
     """img2img / hires-fix passes of 1 to 4 steps: below min_steps they run full CFG and the infotext says so; with
@@ -279,7 +285,7 @@ def test_hires_fix_sums_both_passes_and_keeps_the_short_passs_note(denoiser):
     settings = W.AdaptiveSettings(mode="forecast")
     _, first = host_run(denoiser, settings, denoiser.get_sigmas(20), ONE_EACH)
     _, second = host_run(denoiser, settings, denoiser.get_sigmas(20)[-5:], ONE_EACH, p=first.p)
-    used, full = first.adaptive.nfe()
+    used, full = first.adaptive.nfe()[0]  # forecast decides per batch: every image spends the same
     assert first.p.extra_generation_params[W.NFE_FIELD] == f"{used + 8}/{full + 8}"
     assert first.p.extra_generation_params[W.NOTES_FIELD] == \
         f"4-step pass below min steps ({W.DEFAULT_MIN_STEPS}): full CFG"
@@ -292,7 +298,7 @@ def test_each_batch_count_iteration_reports_its_own_passes(denoiser):
     assert W.NOTES_FIELD in first.p.extra_generation_params
     first.p.iteration = 1
     _, second = host_run(denoiser, settings, denoiser.get_sigmas(20), ONE_EACH, p=first.p)
-    used, full = second.adaptive.nfe()
+    used, full = second.adaptive.nfe()[0]
     assert first.p.extra_generation_params[W.NFE_FIELD] == f"{used}/{full}" and full == 40
     assert W.NOTES_FIELD not in first.p.extra_generation_params
 
@@ -304,12 +310,15 @@ def test_and_sub_prompts_in_every_mode(denoiser, prompts):
     stock, _ = host_run(denoiser, None, sigmas, prompts)
     off, _ = host_run(denoiser, W.AdaptiveSettings(mode="off"), sigmas, prompts)
     assert torch.equal(off, stock)
-    n_cond, batch = sum(len(p) for p in prompts), len(prompts)
-    rows = {Decision.FULL: n_cond + batch, Decision.COND: n_cond, Decision.LINEAR: n_cond, Decision.CACHED: 0}
     for mode in HOST_MODES:
         counting = CountingModel(denoiser)
         out, d = host_run(counting, W.AdaptiveSettings(mode=mode), sigmas, prompts)
-        assert counting.rows == sum(rows[x] for x in d.adaptive.oracle.decisions), mode
+        rows = 0
+        for image, sub_prompts in enumerate(prompts):  # per image: its sub-prompts' rows, and one uncond row if FULL
+            per_step = {Decision.FULL: len(sub_prompts) + 1, Decision.COND: len(sub_prompts),
+                        Decision.LINEAR: len(sub_prompts), Decision.CACHED: 0}
+            rows += sum(per_step[x] for x in image_decisions(d, image))
+        assert counting.rows == rows, mode
         mse = (out - stock).pow(2).mean().item()
         assert mse == 0 or 10 * math.log10(4 / mse) > 20, mode
 
@@ -327,18 +336,24 @@ def test_a1111_dropping_the_uncond_rows_itself_is_recorded_as_a_cond_step(denois
     assert all(d.adaptive.oracle.decisions[i] is Decision.COND for i in low) and low
     counting = CountingModel(denoiser)
     out, d = host_run(counting, W.AdaptiveSettings(mode=mode, min_steps=1), sigmas, ONE_EACH, s_min_uncond=2.0)
-    assert torch.isfinite(out).all() and counting.rows == d.adaptive.oracle.summary().nfe * 2
+    assert torch.isfinite(out).all() and counting.rows == sum(used for used, _ in d.adaptive.nfe())
 
 
 @pytest.mark.parametrize("mode", HOST_MODES)
-def test_chunked_calls_degrade_to_full_cfg_without_failing(denoiser, mode):
-    """With "Batch cond/uncond" off the rows arrive in chunks the controller cannot identify: every step is
-    evaluated as A1111 asks, so the picture is A1111's own."""
+def test_chunked_calls_are_adapted_as_one_call(denoiser, mode):
+    """With "Batch cond/uncond" off the rows arrive in chunks; each chunk is a slice of A1111's row layout, so the
+    controller knows every row: the picture, the decisions and the rows evaluated are those of one call."""
     sigmas = denoiser.get_sigmas(12)
+    settings = W.AdaptiveSettings(mode=mode, min_steps=1)
+    whole, d_whole = host_run(denoiser, settings, sigmas, ONE_EACH)
+    counting = CountingModel(denoiser)
+    chunked, d = host_run(counting, settings, sigmas, ONE_EACH, chunk=2)
+    assert torch.allclose(chunked, whole, atol=1e-5)
+    assert [image_decisions(d, i) for i in range(2)] == [image_decisions(d_whole, i) for i in range(2)]
+    assert counting.rows == sum(used for used, _ in d.adaptive.nfe())
     stock, _ = host_run(denoiser, None, sigmas, ONE_EACH, chunk=2)
-    out, d = host_run(denoiser, W.AdaptiveSettings(mode=mode), sigmas, ONE_EACH, chunk=2)
-    assert torch.equal(out, stock)
-    assert d.adaptive.oracle.decisions == [Decision.FULL] * 12
+    off, _ = host_run(denoiser, W.AdaptiveSettings(mode="off"), sigmas, ONE_EACH, chunk=2)
+    assert torch.equal(off, stock)
 
 
 @pytest.mark.parametrize("scale", [1.0, -2.0])

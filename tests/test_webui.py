@@ -143,16 +143,25 @@ class StandInCFGDenoiser(torch.nn.Module):
 def make(settings, counting, steps):
     StandInCFGDenoiser.model = counting
     cls = W.adaptive_denoiser_class(StandInCFGDenoiser, "x0")
-    denoiser = cls(sampler=None, settings_for=lambda p: settings, sampler_name="Euler Adaptive",
-                   report=lambda p, ctl: p.extra_generation_params.__setitem__(W.NFE_FIELD, "%d/%d" % ctl.nfe()))
+    denoiser = cls(sampler=None, settings_for=lambda p: settings, sampler_name="Euler Adaptive", report=W.report)
     denoiser.total_steps = steps
     return denoiser
 
 
-def sample(denoiser, labels, steps=20, scale=3.0, sampler=K.sampling.sample_euler, **conds_kw):
+def infotext_nfe(p, index):
+    """The ``Adaptive NFE`` an image's infotext gets (A1111 calls a callable value with the image's index)."""
+    value = p.extra_generation_params[W.NFE_FIELD]
+    return value(index=index, p=p) if callable(value) else value
+
+
+def sample(denoiser, labels, steps=20, scale=3.0, sampler=K.sampling.sample_euler, seeds=None,
+           **conds_kw):
+    """A pass of the stand-in; ``seeds`` gives each image its own initial noise (A1111 seeds image k of a batch by
+    seed + k), so an image can be sampled alone and in a batch."""
     sigmas = embedded.load_denoiser().get_sigmas(steps)
     cond, uncond = conds(labels, **conds_kw)
-    x = initial_noise(len(labels), sigmas[0])
+    x = initial_noise(len(labels), sigmas[0]) if seeds is None else \
+        torch.cat([initial_noise(1, sigmas[0], seed=seed) for seed in seeds])
     torch.manual_seed(0)
     run = W.with_schedule(sampler)
     return run(denoiser, x, sigmas=sigmas, disable=True,
@@ -175,13 +184,40 @@ def test_each_mode_evaluates_fewer_rows_and_advances_step_every_call(denoiser, m
     counting = CountingModel(denoiser)
     d = make(W.AdaptiveSettings(mode=mode), counting, 50)
     out = sample(d, labels, steps=50)
-    summary = d.adaptive.oracle.summary()
+    per_image = d.adaptive.nfe()
     assert d.step == 50  # one advance per sampler step, also on CACHED steps
-    assert counting.rows == summary.nfe * len(labels) < 100 * len(labels)
-    assert d.p.extra_generation_params[W.NFE_FIELD] == f"{summary.nfe}/100"
+    assert counting.rows == sum(used for used, _ in per_image) < 100 * len(labels)
+    assert [infotext_nfe(d.p, i) for i in range(len(labels))] == [f"{used}/100" for used, _ in per_image]
     StandInCFGDenoiser.model = denoiser
     full = sample(StandInCFGDenoiser(None), labels, steps=50)
     assert 10 * math.log10(4 / (out - full).pow(2).mean().item()) > 25  # same picture, within fidelity bounds
+
+
+def image_decisions(d, image):
+    oracle = d.adaptive.oracle
+    return oracle.images[image].decisions if oracle.images else oracle.decisions
+
+
+@pytest.mark.parametrize("mode", ["ag", "linear-ag", "adaptive-diffusion", "ag+adaptive-diffusion"])
+def test_an_image_gets_the_same_picture_and_decisions_alone_and_in_a_batch(denoiser, mode):
+    """AG and AdaptiveDiffusion decide per image in A1111 as in our loops: image k of a batch of four prompts gets
+    the decisions, the picture and the infotext NFE it gets alone, and the batch evaluates only the rows its images'
+    decisions need (steps where the images disagree included)."""
+    labels, seeds = [3, 8, 1, 6], [10, 11, 12, 13]
+    # thresholds at which the images switch and skip at different steps
+    settings = W.AdaptiveSettings(mode=mode, ag_threshold=0.97, ad_threshold=0.03, min_steps=1)
+    counting = CountingModel(denoiser)
+    d = make(settings, counting, 20)
+    batch = sample(d, labels, seeds=seeds)
+    assert None in d.adaptive.oracle.decisions  # some step mixed decisions: the per-image path was exercised
+    assert counting.rows == sum(used for used, _ in d.adaptive.nfe())
+    for k in range(4):
+        alone = make(settings, denoiser, 20)
+        picture = sample(alone, [labels[k]], seeds=[seeds[k]])
+        assert image_decisions(d, k) == alone.adaptive.oracle.decisions, k
+        assert torch.allclose(batch[k:k + 1], picture, atol=1e-5), k
+        assert infotext_nfe(d.p, k) == infotext_nfe(alone.p, 0), k
+    assert len({infotext_nfe(d.p, k) for k in range(4)}) > 1  # the images spent differently, each reported
 
 
 def test_cond_only_is_a1111s_own_cond_only_path(denoiser):

@@ -168,14 +168,29 @@ class PassNFE(Protocol):
 
     notes: list[str]
 
-    def nfe(self) -> tuple[int, int]:
-        """(NFE used, NFE of full CFG) per image so far in this pass."""
+    def nfe(self) -> list[tuple[int, int]]:
+        """(NFE used, NFE of full CFG) of each image of the batch so far in this pass (empty: not adapted)."""
 
+
+class PerImageNFE:
+    """An ``Adaptive NFE`` value that differs between the images of a batch (oracles that decide per image): A1111
+    and Forge call a callable infotext value with the image's ``index`` (its position in the batch, or in the whole
+    job: both give the same image here)."""
+
+    def __init__(self, values: list[str]) -> None:
+        self.values = values
+
+    def __call__(self, index: int = 0, **_: Any) -> str:
+        return self.values[index % len(self.values)]
+
+    def __repr__(self) -> str:
+        return f"PerImageNFE({self.values!r})"
 
 
 def report(p: Any, controller: PassNFE) -> None:
-    """Write ``Adaptive NFE`` (used/full per image, summed over the passes of a generation: hires fix has two) and
-    ``Adaptive notes`` (passes not adapted as configured, e.g. too short) into ``p.extra_generation_params``.
+    """Write ``Adaptive NFE`` (used/full of each image, summed over the passes of a generation: hires fix has two)
+    and ``Adaptive notes`` (passes not adapted as configured, e.g. too short) into ``p.extra_generation_params``.
+    The NFE is one string when every image of the batch spent the same, else a :class:`PerImageNFE`.
 
     Passes are keyed by their controller object (an ``id()`` could be reused by a later pass once the first pass's
     sampler is freed) and start afresh with each batch-count iteration (``p.iteration``), which reuses ``p``."""
@@ -184,10 +199,12 @@ def report(p: Any, controller: PassNFE) -> None:
         p.adaptive_passes, p.adaptive_iteration = {}, iteration
     passes = p.adaptive_passes
     passes[controller] = controller.nfe()
-    used = sum(u for u, _ in passes.values())
-    full = sum(f for _, f in passes.values())
-    if full:
-        p.extra_generation_params[NFE_FIELD] = f"{used}/{full}"
+    images = max((len(pairs) for pairs in passes.values()), default=0)
+    totals = [(sum(pairs[k][0] for pairs in passes.values() if k < len(pairs)),
+               sum(pairs[k][1] for pairs in passes.values() if k < len(pairs))) for k in range(images)]
+    values = [f"{used}/{full}" for used, full in totals if full]
+    if values:
+        p.extra_generation_params[NFE_FIELD] = values[0] if len(set(values)) == 1 else PerImageNFE(values)
     notes = [note for ctl in passes for note in ctl.notes]
     if notes:
         p.extra_generation_params[NOTES_FIELD] = "; ".join(notes)
