@@ -25,6 +25,8 @@ ADAPTIVE_NAMES = {name for name, _, _ in W.ADAPTIVE_SAMPLERS}
 FORGE = W.is_forge(shared)
 
 if FORGE:
+    from backend.sampling.sampling_function import sampling_function_inner
+
     from adaptive_sampler.hosts import forge as F
 else:
     from adaptive_sampler.hosts import a1111 as A
@@ -207,7 +209,7 @@ def forge_before_sampling(p, sampler, name: str, enabled: bool) -> None:
     if error is None and settings.mode != "off" and F.spectrum_enabled(p):
         error = (f"Adaptive sampling: {F.SPECTRUM_TITLE} is enabled too; both skip steps and they cannot be "
                  "stacked: disable one of the two")
-    F.install(p, F.ForgePass(p, sampler, settings, error, shared.opts, W.report))
+    F.install(p, F.ForgePass(p, sampler, settings, error, shared.opts, W.report, sampling_function_inner))
 
 
 def _xyz_axes():

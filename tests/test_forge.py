@@ -60,7 +60,7 @@ def calc_cond_uncond_batch(model, cond, uncond, x, timestep, options):
     return sums[0] / counts[0], sums[1] / counts[1]
 
 
-def sampling_function_inner(model, x, timestep, uncond, cond, cond_scale, options):
+def sampling_function_inner(model, x, timestep, uncond, cond, cond_scale, options, seed=None):
     edit_strength = sum(item.get("strength", 1) for item in cond)
     uncond_ = None if math.isclose(cond_scale, 1.0) and not options.get("disable_cfg1_optimization", False) else uncond
     for fn in options.get("sampler_pre_cfg_function", []):
@@ -83,10 +83,12 @@ def sampling_function_inner(model, x, timestep, uncond, cond, cond_scale, option
 
 
 class Model:
-    """The unet patcher's model: ``apply_model`` returns x0, as Forge's k-diffusion predictor does."""
+    """The unet patcher's model: ``apply_model`` returns x0, as Forge's k-diffusion predictor does; its ``predictor``
+    is of Forge's ``const`` kind for a flow model (``backend/modules/k_prediction.py``)."""
 
-    def __init__(self, counting):
+    def __init__(self, counting, flow=False):
         self.counting = counting
+        self.predictor = SimpleNamespace(prediction_type="const" if flow else "epsilon")
 
     def apply_model(self, x, t, cond, transformer_options=None):
         return self.counting(x, t, cond=cond)
@@ -117,12 +119,14 @@ def labels(batch=BATCH):
 
 
 def make_p(denoiser, function="sample_euler", name="Euler Adaptive", cfg=SCALE, eta=1.0, strengths=(1.0,),
-           drop=(), batch=BATCH, s_churn=0.0):
+           drop=(), batch=BATCH, s_churn=0.0, classes=None, flow=False):
     model = CountingModel(denoiser)
     p = SimpleNamespace(cfg_scale=cfg, extra_generation_params={}, sampler_name=name, s_noise=1.0, s_churn=s_churn,
                         scripts=None, script_args=(), iteration=0, model=model)
-    p.sd_model = SimpleNamespace(forge_objects=SimpleNamespace(unet=UnetPatcher(Model(model))))
-    cond = [{"label": labels(batch), "strength": s} for s in strengths]
+    p.sd_model = SimpleNamespace(forge_objects=SimpleNamespace(unet=UnetPatcher(Model(model, flow))))
+    classes = labels(batch) if classes is None else torch.tensor(classes)
+    batch = classes.shape[0]
+    cond = [{"label": classes, "strength": s} for s in strengths]
     uncond = None if cfg == 1 else [{"label": torch.full((batch,), embedded.NULL_LABEL)}]
     p.sampler = SimpleNamespace(funcname=function, config=SimpleNamespace(name=name), eta=eta,
                                 func=getattr(K, function), sampler_extra_args={"cond": None, "uncond": None},
@@ -130,25 +134,48 @@ def make_p(denoiser, function="sample_euler", name="Euler Adaptive", cfg=SCALE, 
     return p
 
 
-def sample(p, seed=0):
+def schedule_of(p):
+    """Karras sigmas for an SD-style model, the model's own ("simple") schedule for a flow model."""
+    if p.sd_model.forge_objects.unet.model.predictor.prediction_type == "const":
+        return p.model.inner.get_sigmas(STEPS)
     sigmas = p.model.sigmas
-    schedule = K.get_sigmas_karras(STEPS, float(sigmas[0]), float(sigmas[-1]))
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn((p.sampler.model_wrap_cfg.cond[0]["label"].shape[0], *embedded.IMAGE_SHAPE), generator=g)
+    return K.get_sigmas_karras(STEPS, float(sigmas[0]), float(sigmas[-1]))
+
+
+def sample(p, seed=0, seeds=None):
+    """A pass of the stand-in; ``seeds`` gives each image its own initial noise (as Forge seeds image k of a batch
+    by seed + k), so an image can be sampled alone and in a batch."""
+    schedule = schedule_of(p)
+    batch = p.sampler.model_wrap_cfg.cond[0]["label"].shape[0]
+    seeds = [seed] if seeds is None else seeds
+    x = torch.cat([torch.randn((batch if len(seeds) == 1 else 1, *embedded.IMAGE_SHAPE),
+                               generator=torch.Generator().manual_seed(s)) for s in seeds])
     torch.manual_seed(seed)
     return p.sampler.func(p.sampler.model_wrap_cfg, x * schedule[0], sigmas=schedule, disable=True)
 
 
 def adapt(p, error=None, **settings):
     forge_pass = F.ForgePass(p, p.sampler, W.AdaptiveSettings(**{"min_steps": 1, **settings}), error, SimpleNamespace(),
-                             W.report)
+                             W.report, sampling_function_inner)
     F.install(p, forge_pass)
     return forge_pass
 
 
-def nfe(p):
-    used, full = map(int, p.extra_generation_params[W.NFE_FIELD].split("/"))
+def nfe(p, index=0):
+    """The ``Adaptive NFE`` of an image's infotext (Forge calls a callable value with the image's index)."""
+    value = p.extra_generation_params[W.NFE_FIELD]
+    used, full = map(int, (value(index=index, p=p) if callable(value) else value).split("/"))
     return used, full
+
+
+def rows_reported(p, batch=BATCH):
+    """The rows the infotext says the batch evaluated (the images' NFE added up)."""
+    return sum(nfe(p, k)[0] for k in range(batch))
+
+
+def letters(forge_pass):
+    """The run's decisions as letters: the batch's, per step (``?`` where images decided differently)."""
+    return "".join("?" if d is None else d.value for d in forge_pass.run.oracle.decisions)
 
 
 def psnr(a, b):
@@ -178,7 +205,7 @@ def test_the_default_mode_is_the_librarys_loop_and_spends_its_level_budget_count
     deterministic, stochastic, _ = O.LEVELS[O.DEFAULT_LEVEL]
     computed = int((stochastic if function == "sample_euler_ancestral" else deterministic) * STEPS + 1e-9)
     assert full == 2 * STEPS and used == 2 * computed and p.model.rows == used * BATCH
-    assert forge_pass.run.schedule.count("S") == STEPS - computed
+    assert letters(forge_pass).count("S") == STEPS - computed
     reference = sample(make_p(denoiser, function))
     schedule = K.get_sigmas_karras(STEPS, float(p.model.sigmas[0]), float(p.model.sigmas[-1]))
     g = torch.Generator().manual_seed(0)
@@ -198,8 +225,8 @@ def test_every_mode_counts_rows_exactly(denoiser, mode, threshold, letter):
     forge_pass = adapt(p, mode=mode, ag_threshold=threshold)
     assert torch.isfinite(sample(p)).all()
     used, full = nfe(p)
-    assert p.model.rows == used * BATCH and used <= full == 2 * STEPS
-    assert letter in forge_pass.run.schedule
+    assert p.model.rows == rows_reported(p) and used <= full == 2 * STEPS
+    assert letter in letters(forge_pass)
 
 
 def test_a_linear_step_goes_through_their_cfg_function_and_hooks_with_the_estimate(denoiser):
@@ -221,8 +248,8 @@ def test_a_linear_step_goes_through_their_cfg_function_and_hooks_with_the_estima
                                                        sampler_post_cfg_function=[their_post])
     forge_pass = adapt(p, mode="linear-ag", ag_threshold=0.9999)
     sample(p)
-    linear = [i for i, d in enumerate(forge_pass.run.schedule) if d == "L"]
-    assert linear and p.model.rows == nfe(p)[0] * BATCH
+    linear = [i for i, d in enumerate(letters(forge_pass)) if d == "L"]
+    assert linear and p.model.rows == rows_reported(p)
     for i in linear:  # FULL and LINEAR steps have an unconditional prediction, estimated or evaluated
         assert seen[2 * i][:2] == ("cfg", SCALE) and seen[2 * i][2] > 0 and seen[2 * i + 1][2] > 0
 
@@ -234,7 +261,7 @@ def test_cached_steps_call_no_model_and_no_other_hook(denoiser):
         lambda args: calls.append(1) or args["denoised"]]
     forge_pass = adapt(p)
     sample(p)
-    assert len(calls) == forge_pass.run.schedule.count("F") == COMPUTED
+    assert len(calls) == letters(forge_pass).count("F") == COMPUTED
     assert p.model.calls == COMPUTED
 
 
@@ -245,7 +272,7 @@ def test_forge_dropping_the_uncond_itself_is_counted_and_identical_when_disabled
     forge_pass = adapt(p, mode="ag", ag_threshold=1.0)
     assert torch.equal(sample(p), reference)
     assert nfe(p) == (2 * STEPS - 2, 2 * STEPS) and p.model.rows == (2 * STEPS - 2) * BATCH
-    assert forge_pass.run.schedule[3] == forge_pass.run.schedule[5] == "C"
+    assert letters(forge_pass)[3] == letters(forge_pass)[5] == "C"
 
 
 def test_cond_steps_evaluate_no_uncond_rows_even_when_an_extension_disabled_forges_cfg1_optimization(denoiser):
@@ -253,7 +280,7 @@ def test_cond_steps_evaluate_no_uncond_rows_even_when_an_extension_disabled_forg
     p.sd_model.forge_objects.unet.model_options["disable_cfg1_optimization"] = True
     forge_pass = adapt(p, mode="ag", ag_threshold=0.9)
     sample(p)
-    assert "C" in forge_pass.run.schedule and p.model.rows == nfe(p)[0] * BATCH < 2 * STEPS * BATCH
+    assert "C" in letters(forge_pass) and p.model.rows == rows_reported(p) < 2 * STEPS * BATCH
 
 
 def test_without_an_unconditional_pass_only_step_skipping_applies(denoiser):
@@ -275,14 +302,14 @@ def test_and_prompts_keep_their_weights_on_linear_steps(denoiser, monkeypatch):
     unconditional prediction, LINEAR steps must then give full CFG's picture, with fewer rows."""
     null = torch.full((BATCH,), embedded.NULL_LABEL)
     monkeypatch.setattr(O.LinearAG, "estimate_uncond", lambda self, state, cond: denoiser(
-        state.x, torch.full((BATCH,), state.sigma), cond=null))
+        state.x, torch.full((state.x.shape[0],), state.sigma), cond=null[:state.x.shape[0]]))
     p = make_p(denoiser, strengths=(0.6, 0.8))
     forge_pass = adapt(p, mode="linear-ag", ag_threshold=1.0)
     out = sample(p)
     reference = sample(make_p(denoiser, strengths=(0.6, 0.8)))
     rows = {"F": 3, "L": 2}  # per image: two conditional rows, and the unconditional one on FULL
-    assert set(forge_pass.run.schedule) == {"F", "L"}
-    assert p.model.rows == sum(rows[d] for d in forge_pass.run.schedule) * BATCH
+    assert set(letters(forge_pass)) == {"F", "L"}
+    assert p.model.rows == sum(rows[d] for d in letters(forge_pass)) * BATCH
     assert torch.allclose(out, reference, atol=1e-4)
 
 
@@ -374,3 +401,98 @@ def test_registration_goes_through_add_sampler_once():
     assert F.register_samplers(Samplers, make) == [n for n, _, _ in W.ADAPTIVE_SAMPLERS]
     F.register_samplers(Samplers, make)
     assert added == list(W.ADAPTIVE_SAMPLERS)
+
+
+# -- per-image decisions ------------------------------------------------------------------------------------------
+def image_decisions(forge_pass, image):
+    oracle = forge_pass.run.oracle
+    return oracle.images[image].decisions if oracle.images else oracle.decisions
+
+
+@pytest.mark.parametrize("mode", ["ag", "linear-ag", "adaptive-diffusion", "ag+adaptive-diffusion"])
+def test_an_image_gets_the_same_picture_and_decisions_alone_and_in_a_batch(denoiser, mode):
+    """AG and AdaptiveDiffusion decide per image in Forge as in our loops: image k of a batch of four prompts gets
+    the decisions, the picture and the infotext NFE it gets alone; the images' decision groups run through Forge's
+    own CFG step, and the model evaluates exactly the rows the images' decisions need."""
+    classes, seeds = [3, 8, 1, 6], [10, 11, 12, 13]
+    # thresholds at which the images switch and skip at different steps
+    settings = dict(mode=mode, ag_threshold=0.97, ad_threshold=0.1)
+    p = make_p(denoiser, classes=classes)
+    forge_pass = adapt(p, **settings)
+    batch = sample(p, seeds=seeds)
+    assert forge_pass.per_image and None in forge_pass.run.oracle.decisions  # some step mixed decisions
+    assert p.model.rows == sum(nfe(p, k)[0] for k in range(4))
+    for k in range(4):
+        alone = make_p(denoiser, classes=[classes[k]])
+        alone_pass = adapt(alone, **settings)
+        picture = sample(alone, seeds=[seeds[k]])
+        assert image_decisions(forge_pass, k) == alone_pass.run.oracle.decisions, k
+        assert torch.allclose(batch[k:k + 1], picture, atol=1e-5), k
+        assert nfe(p, k) == nfe(alone), k
+    assert len({nfe(p, k) for k in range(4)}) > 1  # the images spent differently, each reported
+
+
+def test_a_mixed_step_runs_other_extensions_hooks_once_per_image(denoiser):
+    """A step whose images decided differently runs the decision groups through Forge's CFG step: another
+    extension's post-CFG hook sees every computed image once, at the scale its decision gives (COND: 1)."""
+    seen = []
+
+    def their_post(args):
+        seen.append((args["denoised"].shape[0], args["cond_scale"]))
+        return args["denoised"]
+
+    p = make_p(denoiser, classes=[3, 8, 1, 6])
+    p.sd_model.forge_objects.unet.model_options["sampler_post_cfg_function"] = [their_post]
+    forge_pass = adapt(p, mode="ag", ag_threshold=0.97)
+    sample(p, seeds=[10, 11, 12, 13])
+    assert sum(rows for rows, _ in seen) == 4 * STEPS
+    for i, batch_decision in enumerate(forge_pass.run.oracle.decisions):
+        if batch_decision is None:  # images disagree: one hook call per decision group
+            scales = sorted(scale for _, scale in seen[:2])
+            assert scales == [1.0, SCALE], i
+            seen = seen[2:]
+        else:
+            assert seen[0] == (4, 1.0 if batch_decision is O.Decision.COND else SCALE), i
+            seen = seen[1:]
+
+
+def test_with_a_controlnet_the_batch_decides_as_one_and_says_so(denoiser):
+    """A ControlNet computes its hint for the whole batch: rows cannot be split there, so AG decides per batch and
+    the infotext notes it (not silently)."""
+    p = make_p(denoiser, classes=[3, 8, 1, 6])
+    p.sampler.model_wrap_cfg.cond = [{**c, "control": None} for c in p.sampler.model_wrap_cfg.cond]
+    forge_pass = adapt(p, mode="ag", ag_threshold=0.97)
+    sample(p, seeds=[10, 11, 12, 13])
+    assert not forge_pass.per_image and None not in forge_pass.run.oracle.decisions
+    assert "decided per batch: a ControlNet is active" in p.extra_generation_params[W.NOTES_FIELD]
+
+
+# -- flow models (Flux, Chroma, Wan, Qwen-Image, Lumina, Z-Image, ...) ----------------------------------------------
+@pytest.fixture(scope="module")
+def flow_denoiser():
+    return embedded.load_flow_denoiser(shift=3.0)
+
+
+@pytest.mark.parametrize("cfg", [SCALE, 1.0])
+@pytest.mark.parametrize("mode", ["forecast", "adaptive-diffusion"])
+def test_a_flow_model_is_told_to_the_oracle_and_skips_as_in_our_loop(flow_denoiser, mode, cfg):
+    """Forge's flow models (predictor of the ``const`` kind) run as flow runs, guided with CFG and unguided at CFG 1
+    (one row per step): through Forge's hooks the skipping modes give the picture and NFE our own loop gives on the
+    same flow model with the same oracle."""
+    p = make_p(flow_denoiser, cfg=cfg, flow=True)
+    forge_pass = adapt(p, mode=mode)
+    out = sample(p)
+    run = forge_pass.run.oracle.run
+    assert run.flow and run.guided is (cfg != 1.0)
+    schedule = schedule_of(p)
+    x = torch.randn((BATCH, *embedded.IMAGE_SHAPE), generator=torch.Generator().manual_seed(0)) * schedule[0]
+    torch.manual_seed(0)
+    oracle = W.AdaptiveSettings(mode=mode, min_steps=1).build_oracle(STEPS)
+    extra = dict(cond=labels(), uncond=None if cfg == 1 else torch.full((BATCH,), embedded.NULL_LABEL), cond_scale=cfg)
+    ours = S.sample_euler(flow_denoiser, x, schedule, oracle=oracle, disable=True, extra_args=extra)
+    assert torch.allclose(out, ours, atol=1e-4)
+    summary = oracle.summary()  # per image when our loop split the oracle, else one image's
+    used = [nfe(p, k)[0] for k in range(BATCH)]
+    assert sum(used) == p.model.rows == (summary.nfe if oracle.images else summary.nfe * BATCH)
+    assert nfe(p)[1] == STEPS * (2 if run.guided else 1)
+    assert mode != "forecast" or sum(used) < BATCH * nfe(p)[1]

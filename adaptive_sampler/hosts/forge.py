@@ -19,9 +19,14 @@ Forge is to evaluate:
   oracle's x0 without the other extensions' CFG hooks, as a CACHED step does in ComfyUI.
 
 A post-CFG function added last records what the step produced. The step bookkeeping is
-:class:`~adaptive_sampler.hosts.backend.OracleRun`, shared with the ComfyUI host. Without an unconditional pass (CFG 1,
-a hires pass at CFG 1, distilled-CFG models such as Flux) the skipping modes (Forecast, AdaptiveDiffusion) still
-skip steps; the guidance modes have nothing to adapt and the pass runs unchanged, with a note in the infotext.
+:class:`~adaptive_sampler.hosts.backend.OracleRun`, shared with the ComfyUI host. Oracles that decide per image (AG,
+AdaptiveDiffusion) get one copy per image, as in our own loops; a step whose images decided differently runs each
+decision group's rows through Forge's own CFG step (``sampling_function_inner``, hooks included) as they would run
+alone, and Forge's call for the step then evaluates nothing (as a CACHED step). A flow model (Forge's predictor of the
+``const`` kind) is told to the oracle (``RunInfo.flow``). Without an unconditional pass (CFG 1, a hires pass at CFG
+1, distilled-CFG models such as Flux) the run is unguided (``RunInfo.guided``): the skipping modes (Forecast,
+AdaptiveDiffusion) still skip steps; the guidance modes have nothing to adapt and the pass runs unchanged, with a note
+in the infotext.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..oracles import Decision, StepState
+from .. import oracles as O
+from ..oracles import Decision, StepRecord, StepState
 from .backend import GUIDANCE_MODES, ONE_CALL_SAMPLERS, OracleRun, classify_function
 from .webui_common import ADAPTIVE_SAMPLERS, AdaptiveSettings, PassNFE, conditioning_boundaries
 
@@ -69,37 +75,73 @@ def spectrum_enabled(p: Any) -> bool:
 
 
 def _no_model_call(apply_model: Callable[..., torch.Tensor], params: dict) -> torch.Tensor:
-    """The model-function wrapper of a CACHED step: no UNet call (the rows are not used)."""
+    """The model-function wrapper of a step evaluated elsewhere (CACHED, or by decision groups): no UNet call."""
     return torch.zeros_like(params["input"])
+
+
+def is_flow(model: Any) -> bool:
+    """Whether Forge's model is a flow-matching model: its predictor is of the ``const`` kind (Forge's own test in its
+    k-diffusion copy; Flux, Chroma, Wan, Qwen-Image, Lumina, Z-Image, ...)."""
+    return getattr(getattr(model, "predictor", None), "prediction_type", None) == "const"
+
+
+def _rows_of(entries: list[dict] | None, at: torch.Tensor, batch: int) -> list[dict] | None:
+    """The rows ``at`` of Forge's compiled conditioning (a list of entries whose tensors and ``Condition`` objects hold
+    one row per image); what holds no row per image (constants, weights) is kept."""
+    if entries is None:
+        return None
+
+    def rows(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value[at] if value.ndim and value.shape[0] == batch else value
+        inner = getattr(value, "cond", None)
+        if isinstance(inner, torch.Tensor) and inner.ndim and inner.shape[0] == batch and hasattr(value, "_copy_with"):
+            return value._copy_with(inner[at])
+        return value
+
+    out = []
+    for entry in entries:
+        entry = {k: rows(v) for k, v in entry.items()}
+        if isinstance(entry.get("model_conds"), dict):
+            entry["model_conds"] = {k: rows(v) for k, v in entry["model_conds"].items()}
+        out.append(entry)
+    return out
 
 
 class ForgePass:
     """One Forge sampling pass (txt2img, img2img, or a hires-fix pass) under the user's settings.
 
     Created by the extension before the pass and driven by Forge's calls; the oracle run starts at the first step,
-    in the generating thread, when the pass's length, sigmas and unconditional pass are known. ``error`` (a bad
-    value, Spectrum enabled too) is raised at the first step, which fails the request with its message (Forge only
-    logs exceptions raised in script hooks). ``report(p, pass)`` writes the infotext's NFE and notes after each step.
+    in the generating thread, when the pass's length, sigmas, model kind (flow or not) and unconditional pass are
+    known. ``error`` (a bad value, Spectrum enabled too) is raised at the first step, which fails the request with its
+    message (Forge only logs exceptions raised in script hooks). ``report(p, pass)`` writes the infotext's NFE and
+    notes after each step. ``evaluate`` is Forge's ``sampling_function_inner``: oracles that decide per image (AG,
+    AdaptiveDiffusion) split the batch, and a step whose images decided differently evaluates each decision group's
+    rows through it, as the images would be evaluated alone.
     """
 
     def __init__(self, p: Any, sampler: Any, settings: AdaptiveSettings | None, error: str | None, opts: Any,
-                 report: Callable[[Any, PassNFE], None]) -> None:
+                 report: Callable[[Any, PassNFE], None], evaluate: Callable[..., torch.Tensor]) -> None:
         self.p = p
         self.sampler = sampler
         self.settings = settings
         self.error = error
         self.opts = opts
         self._report = report
+        self._evaluate = evaluate
         self.run: OracleRun | None = None
+        self.per_image = False
         #: The schedule the sampler function was called with, and whether it is DDIM's timesteps (set by the wrapper
         #: :func:`install` puts on the sampler function: the calls that run, which Forge's step counts do not say for
         #: DDIM, one call per interval of its timestep grid).
         self.schedule: tuple[torch.Tensor, bool] | None = None
         self._notes: list[str] = []
         self._boundaries: frozenset[int] = frozenset()
-        self._pending: tuple[StepState, Decision, bool] | None = None
+        self._batch = 0
+        self._pending: tuple[list[tuple[O.Oracle, StepState]], list[Decision], bool] | None = None
         self._cached: torch.Tensor | None = None
         self._estimate: torch.Tensor | None = None
+        self._groups: tuple[torch.Tensor, list, list] | None = None
 
     # -- what the infotext reports --------------------------------------------------------------------------------
     @property
@@ -107,10 +149,13 @@ class ForgePass:
         stopped = [self.run.stopped] if self.run is not None and self.run.stopped else []
         return self._notes + stopped
 
-    def nfe(self) -> tuple[int, int]:
+    def nfe(self) -> list[tuple[int, int]]:
+        """(NFE used, NFE of full CFG) of each image so far (calls after a stop count for every image)."""
         if self.run is None or self.settings is None or self.settings.mode == "off":
-            return 0, 0
-        return self.run.nfe, self.run.nfe_full
+            return []
+        if self.per_image:
+            return [(image.nfe + self.run.nfe, self.run.nfe_full) for image in self.run.oracle.images]
+        return [(self.run.nfe, self.run.nfe_full)] * self._batch
 
     # -- the conditioning modifier: once per step, before Forge evaluates anything ---------------------------------
     def modify(self, model: Any, x: torch.Tensor, timestep: torch.Tensor, uncond: Any, cond: list, cond_scale: float,
@@ -118,16 +163,30 @@ class ForgePass:
         if self.error:
             raise ValueError(self.error)
         if self.run is None:
-            self._begin(x, uncond)
+            self._begin(model, x, uncond, cond)
         sigma = float(timestep.reshape(-1)[0])
         i = self.run.next_step(sigma)
         if i is None:
             self.run.unchanged()
             self._report(self.p, self)
             return model, x, timestep, uncond, cond, cond_scale, model_options, seed
-        state, decision = self.run.begin(i, sigma, x, conditioning_changed=i in self._boundaries)
+        changed = i in self._boundaries
+        if self.per_image:
+            states = [StepState(index=i, total=self.run.steps, sigma=sigma, x=x[r:r + 1], conditioning_changed=changed)
+                      for r in range(x.shape[0])]
+            owners = list(zip(self.run.oracle.images, states))
+            decisions = self.run.oracle.decide_images(states)
+        else:
+            state, decision = self.run.begin(i, sigma, x, conditioning_changed=changed)
+            owners, decisions = [(self.run.oracle, state)], [decision] * x.shape[0]
         dropped = uncond is None or (math.isclose(cond_scale, 1.0)
                                      and not model_options.get("disable_cfg1_optimization", False))
+        self._pending = (owners, decisions, dropped)
+        if len(set(decisions)) > 1:
+            self._groups = self._evaluate_groups(owners, decisions, dropped, model, x, timestep, uncond, cond,
+                                                 cond_scale, model_options, seed)
+            return self._no_evaluation(model, x, timestep, cond, cond_scale, model_options, seed)
+        decision = decisions[0]
         options = dict(model_options)  # Forge's dict stays untouched: lists are replaced, never mutated
         post = list(options.get("sampler_post_cfg_function", []))
         if decision is Decision.COND and not dropped:
@@ -135,20 +194,66 @@ class ForgePass:
             options["disable_cfg1_optimization"] = False  # as ComfyUI's host: scale 1 evaluates no uncond rows
         elif decision is Decision.LINEAR and not dropped:
             uncond = None
-            options["sampler_cfg_function"] = self._linear_cfg(state, cond, options.get("sampler_cfg_function"))
+            options["sampler_cfg_function"] = self._linear_cfg(owners, cond, options.get("sampler_cfg_function"))
         elif decision is Decision.CACHED:
-            self._cached = self.run.oracle.cached_denoised(state).to(x.dtype)
-            uncond = None
-            cond = [{k: v for k, v in c.items() if k != "control"} for c in cond]
-            options["model_function_wrapper"] = _no_model_call
-            for key in ("sampler_cfg_function", "sampler_pre_cfg_function"):
-                options.pop(key, None)
-            post = []
+            self._cached = _cached(owners).to(x.dtype)
+            return self._no_evaluation(model, x, timestep, cond, cond_scale, model_options, seed)
         options["sampler_post_cfg_function"] = post + [self._record]
-        self._pending = (state, decision, dropped)
         return model, x, timestep, uncond, cond, cond_scale, options, seed
 
-    def _begin(self, x: torch.Tensor, uncond: Any) -> None:
+    def _no_evaluation(self, model: Any, x: torch.Tensor, timestep: torch.Tensor, cond: list, cond_scale: float,
+                       model_options: dict, seed: Any) -> tuple:
+        """Forge's call for a step whose prediction is already known (CACHED, or evaluated by decision groups): no
+        UNet call (ControlNet left out), none of the other extensions' CFG hooks; :meth:`_record` returns it."""
+        options = dict(model_options)
+        options["model_function_wrapper"] = _no_model_call
+        for key in ("sampler_cfg_function", "sampler_pre_cfg_function"):
+            options.pop(key, None)
+        options["sampler_post_cfg_function"] = [self._record]
+        cond = [{k: v for k, v in c.items() if k != "control"} for c in cond]
+        return model, x, timestep, None, cond, cond_scale, options, seed
+
+    def _evaluate_groups(self, owners: list, decisions: list[Decision], dropped: bool, model: Any, x: torch.Tensor,
+                         timestep: torch.Tensor, uncond: Any, cond: list, cond_scale: float, model_options: dict,
+                         seed: Any) -> tuple[torch.Tensor, list, list]:
+        """A step whose images decided differently: each decision group's rows through Forge's own CFG step (its
+        hooks included), as those images alone would go; CACHED images from their caches. Returns the denoised
+        batch and each image's conditional and unconditional predictions."""
+        batch = x.shape[0]
+        denoised = torch.empty_like(x)
+        conds: list[torch.Tensor | None] = [None] * batch
+        unconds: list[torch.Tensor | None] = [None] * batch
+        for decision in dict.fromkeys(decisions):
+            rows = [r for r, d in enumerate(decisions) if d is decision]
+            at = torch.tensor(rows, device=x.device)
+            group = [owners[r] for r in rows]
+            if decision is Decision.CACHED:
+                denoised[at] = _cached(group).to(x.dtype)
+                continue
+            sub_cond, sub_uncond = _rows_of(cond, at, batch), _rows_of(uncond, at, batch)
+            options = dict(model_options)
+            scale = cond_scale
+            if decision is Decision.COND and not dropped:
+                scale = 1.0
+                options["disable_cfg1_optimization"] = False
+            elif decision is Decision.LINEAR and not dropped:
+                sub_uncond = None
+                options["sampler_cfg_function"] = self._linear_cfg(group, sub_cond,
+                                                                   options.get("sampler_cfg_function"))
+            seen: dict = {}
+            options["sampler_post_cfg_function"] = list(options.get("sampler_post_cfg_function", [])) + [
+                lambda args: seen.update(args) or args["denoised"]]
+            self._estimate = None
+            denoised[at] = self._evaluate(model, x[at], timestep[at], sub_uncond, sub_cond, scale, options, seed)
+            for k, r in enumerate(rows):
+                conds[r] = seen["cond_denoised"][k:k + 1]
+                if decision is Decision.FULL and not dropped:
+                    unconds[r] = seen["uncond_denoised"][k:k + 1]
+                elif decision is Decision.LINEAR and not dropped:
+                    unconds[r] = self._estimate[k:k + 1]
+        return denoised, conds, unconds
+
+    def _begin(self, model: Any, x: torch.Tensor, uncond: Any, cond: list) -> None:
         sampler, p, settings = self.sampler, self.p, self.settings
         name = sampler.config.name if getattr(sampler, "config", None) is not None else p.sampler_name
         function = function_name(sampler)
@@ -166,21 +271,29 @@ class ForgePass:
         elif uncond is None and settings.mode in GUIDANCE_MODES:
             reason = NO_UNCOND.format(mode=settings.mode)
         oracle = settings.build_oracle(steps) if reason is None else None
+        self._batch = x.shape[0]
         self.run = OracleRun(oracle, name, sigmas, x.shape[0], stochastic, rows_full=1 if uncond is None else 2,
-                             steps=steps)
+                             steps=steps, flow=is_flow(model))
         note = settings.short_pass_note(steps) if reason is None else reason
         self._notes = ([note] if note else []) + [why for _, why in (oracle.overrides if oracle else [])]
+        if self.run.active and oracle.decides_per_image and x.shape[0] > 1:
+            if any("control" in c for c in cond):
+                self._notes.append(f"{settings.mode} decided per batch: a ControlNet is active (its hint is "
+                                   "computed for the whole batch)")
+            else:
+                oracle.split_images()
+                self.per_image = True
         extra = getattr(sampler, "sampler_extra_args", None) or {}
         self._boundaries = conditioning_boundaries(extra.get("cond"), extra.get("uncond"))
 
-    def _linear_cfg(self, state: StepState, cond: list, theirs: Callable[[dict], torch.Tensor] | None
+    def _linear_cfg(self, owners: list, cond: list, theirs: Callable[[dict], torch.Tensor] | None
                     ) -> Callable[[dict], torch.Tensor]:
         """A LINEAR step's CFG: the conditional prediction with the estimated unconditional one, at the step's scale."""
         strength = sum(c.get("strength", 1) for c in cond)  # AND sub-prompt weights, as Forge's own CFG uses them
 
         def cfg(args: dict) -> torch.Tensor:
             x, c = args["input"], args["cond_denoised"]
-            u = self.run.oracle.estimate_uncond(state, c.float()).to(c.dtype)
+            u = _estimate(owners, c.float()).to(c.dtype)
             args["uncond_denoised"].copy_(u)  # the same tensor the post-CFG hooks are given: they see the estimate
             self._estimate = u
             if theirs is not None:
@@ -192,24 +305,54 @@ class ForgePass:
 
     # -- the last post-CFG function: what the step produced --------------------------------------------------------
     def _record(self, args: dict) -> torch.Tensor:
-        state, decision, dropped = self._pending
+        owners, decisions, dropped = self._pending
         self._pending = None
-        denoised = self._cached if decision is Decision.CACHED else args["denoised"]
+        if self._groups is not None:
+            denoised, conds, unconds = self._groups
+        else:
+            denoised = self._cached if decisions[0] is Decision.CACHED else args["denoised"]
+            cached = decisions[0] is Decision.CACHED
+            cond_rows = None if cached else args["cond_denoised"]
+            uncond_rows = None
+            if decisions[0] is Decision.FULL and not dropped:
+                uncond_rows = args["uncond_denoised"]
+            elif decisions[0] is Decision.LINEAR and not dropped:
+                uncond_rows = self._estimate
+            conds = [None if cond_rows is None else cond_rows[r:r + 1] for r in range(denoised.shape[0])]
+            unconds = [None if uncond_rows is None else uncond_rows[r:r + 1] for r in range(denoised.shape[0])]
+        self._cached = self._estimate = self._groups = None
+        index, sigma = owners[0][1].index, owners[0][1].sigma
         if not torch.isfinite(denoised).all():
-            raise FloatingPointError(f"adaptive sampling: the prediction at step {state.index} is NaN/inf "
-                                     f"(decision {decision.name})")
-        cond = None if decision is Decision.CACHED else args["cond_denoised"]
-        uncond = None
-        if decision is Decision.FULL and not dropped:
-            uncond = args["uncond_denoised"]
-        elif decision is Decision.LINEAR and not dropped:
-            uncond = self._estimate
-        elif decision in (Decision.FULL, Decision.LINEAR) and self.run.rows_full == 2:
-            decision = Decision.COND  # Forge evaluated no unconditional rows (NGMS, skip early CFG): 1 NFE
-        self._cached = self._estimate = None
-        self.run.finish(state, decision, denoised, cond, uncond)
+            raise FloatingPointError(f"adaptive sampling: the prediction at step {index} is NaN/inf "
+                                     f"(decisions {''.join(d.value for d in decisions)})")
+        taken = [Decision.COND if d in (Decision.FULL, Decision.LINEAR) and u is None and self.run.rows_full == 2
+                 else d for d, u in zip(decisions, unconds)]  # Forge evaluated no uncond rows (NGMS): 1 NFE
+        if self.per_image:
+            x = torch.cat([state.x for _, state in owners])
+            records = [StepRecord(index=index, decision=taken[r], sigma=sigma, x=x[r:r + 1],
+                                  denoised=denoised[r:r + 1], eps=(x[r:r + 1] - denoised[r:r + 1]) / sigma,
+                                  cond=conds[r], uncond=unconds[r]) for r in range(len(taken))]
+            self.run.oracle.record_images(records, [0] * len(taken), [None] * len(taken))
+        else:
+            both = [None if any(v is None for v in t) else torch.cat(t) for t in (conds, unconds)]
+            self.run.finish(owners[0][1], taken[0], denoised, both[0], both[1])
         self._report(self.p, self)
         return denoised
+
+
+def _cached(owners: list[tuple[O.Oracle, StepState]]) -> torch.Tensor:
+    """The CACHED prediction of the rows the owners cover (one oracle for the batch, or one per image)."""
+    return torch.cat([oracle.cached_denoised(state) for oracle, state in owners])
+
+
+def _estimate(owners: list[tuple[O.Oracle, StepState]], cond: torch.Tensor) -> torch.Tensor:
+    """The LINEAR estimate of the unconditional prediction of the rows the owners cover, from their ``cond`` rows."""
+    out, start = [], 0
+    for oracle, state in owners:
+        rows = state.x.shape[0]
+        out.append(oracle.estimate_uncond(state, cond[start:start + rows]))
+        start += rows
+    return torch.cat(out)
 
 
 def install(p: Any, forge_pass: ForgePass) -> None:
