@@ -1,10 +1,11 @@
-"""Command line: ``python -m adaptive_sampler {demo,train-model,calibrate-linear-ag,bench,tune}``."""
+"""Command line: ``python -m adaptive_sampler {demo,bench,bench-samplers,tune,calibrate-linear-ag,train-model}``."""
 
 from __future__ import annotations
 
 import argparse
 import math
 import sys
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -282,14 +283,42 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0 if result["met"] else 1
 
 
+def _text(*paragraphs: str) -> str:
+    """Help paragraphs wrapped for the terminal (the help formatter keeps the breaks between them)."""
+    return "\n\n".join(textwrap.fill(p, 100, break_on_hyphens=False) for p in paragraphs)
+
+
+def _command(sub, name: str, summary: str, *details: str, **kwargs) -> argparse.ArgumentParser:
+    """A command whose line in the main help is ``summary`` and whose own help adds ``details``."""
+    return sub.add_parser(name, help=summary, description=_text(summary[0].upper() + summary[1:] + ".", *details),
+                          formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .lab.experiment import FAMILIES, FLOW_SCHEDULES, SAMPLER_VARIANTS, SCHEDULES
     from .sampling import SAMPLERS
 
-    parser = argparse.ArgumentParser(prog="python -m adaptive_sampler", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="python -m adaptive_sampler", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_text(
+            "adaptive-sampler: training-free acceleration of classifier-free-guided diffusion sampling. These "
+            "commands measure it on the embedded digits models that ship with the package (nothing is downloaded).",
+            "Each command writes into --out (default out/) and shows a progress bar; the times are on 2 CPU cores. "
+            "'python -m adaptive_sampler <command> --help' tells more."))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
 
-    demo = sub.add_parser("demo", help="sample a grid on the embedded model with every sampler and oracle")
+    demo = _command(
+        sub, "demo", "the main job: every sampler x schedule x oracle on both embedded models against full CFG and "
+        "fewer steps at the same NFE; about 16 minutes on 2 busy cores; writes demo_sd.png, demo_flow.png, demo.png",
+        "Samples the SD-style and the flow-matching digits model at A1111's defaults (20 steps, scale 7), every "
+        "oracle with the same seeds and noise draws as full CFG, and prints per row the NFE per image, the PSNR "
+        "against full CFG and the digits classifier's accuracy; after the default's row comes full CFG on as many "
+        "steps as the default computes (the honest baseline at the same NFE).",
+        "Writes into --out (default out/): demo_sd.png and demo_flow.png, one figure per model family (per sampler: "
+        "full CFG | the default | fewer steps at the same NFE, with NFE, PSNR and the difference to full CFG "
+        "amplified; at the first scale and schedule), and demo.png (every row of the tables).",
+        "Takes about 16 minutes with the defaults on 2 CPU cores shared with other jobs (load average 6); "
+        "--families sd --samplers euler dpmpp_2m --schedules default --per-class 1 takes about a minute.")
     demo.add_argument("--out", default="out", help="output folder (default: out/)")
     demo.add_argument("--steps", type=_positive_int, default=20, help="steps (default 20, A1111's default)")
     demo.add_argument("--scales", type=_scale, nargs="+", default=[7.0], help="guidance scales (default 7, A1111's)")
@@ -301,15 +330,26 @@ def build_parser() -> argparse.ArgumentParser:
                       help="schedules of the SD-style model (DDIM keeps its own timestep grid)")
     demo.add_argument("--flow-schedules", nargs="+", type=_flow_schedule, default=list(FLOW_SCHEDULES),
                       help="schedules of the flow model, 'shift <number>' (default: 'shift 1' 'shift 3')")
-    demo.add_argument("--oracles", nargs="+", choices=DEMO_ORACLES, default=list(DEMO_ORACLES))
-    demo.add_argument("--per-class", type=_positive_int, default=2, help="images per digit class and row")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--threads", type=_positive_int, default=2)
+    demo.add_argument("--oracles", nargs="+", choices=DEMO_ORACLES, default=list(DEMO_ORACLES),
+                      help="oracles, one row each (default: all; the figures always show the default)")
+    demo.add_argument("--per-class", type=_positive_int, default=2, help="images per digit class and row (default 2)")
+    demo.add_argument("--seed", type=int, default=0, help="the first image's seed (default 0)")
+    demo.add_argument("--threads", type=_positive_int, default=2, help="torch threads (default 2)")
 
     sub.add_parser("train-model", add_help=False,
-                   help="retrain the embedded model and classifier (see train-model --help)")
+                   help="retrain the embedded models and the classifier with a fixed seed; about 20 minutes on 2 "
+                        "cores; writes the package's weights (train-model --help tells more)")
 
-    cal = sub.add_parser("calibrate-linear-ag", help="fit LinearAG coefficients for a sampler and step count")
+    cal = _command(
+        sub, "calibrate-linear-ag", "fit LinearAG's per-step coefficients for a sampler and step count; about 5 "
+        "minutes for Euler, 50 steps on 2 busy cores; writes one JSON file",
+        "Runs full CFG on --samples images per scale and fits, per step, LinearAG's least-squares coefficients that "
+        "estimate the unconditional prediction from this step's and the previous step's conditional predictions "
+        "and the previous unconditional one. The JSON "
+        "file holds the sampler, steps, sigmas and model they were fitted for; LinearAG refuses it for another.",
+        "Writes --output (default: the package's shipped file for the embedded model, "
+        "adaptive_sampler/data/linear_ag_embedded_<sampler>_<steps>.json). About 5 minutes for --sampler euler "
+        "--steps 50 with the defaults (128 samples x 2 scales) on 2 CPU cores shared with other jobs (load average 8).")
     cal.add_argument("--sampler", choices=list(SAMPLERS), required=True)
     cal.add_argument("--steps", type=_positive_int, required=True)
     cal.add_argument("--scales", type=_scale, nargs="+", default=[3.0, 5.0])
@@ -318,7 +358,15 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--output", help="JSON file (default: the package's shipped file for the embedded model)")
     cal.add_argument("--threads", type=_positive_int, default=2)
 
-    bench = sub.add_parser("bench", help="NFE, wall-clock and fidelity of every oracle vs equal-NFE baselines")
+    bench = _command(
+        sub, "bench", "NFE, wall-clock and fidelity of every oracle against fewer steps and CFG truncation at equal "
+        "NFE; about 4 minutes on 2 cores; writes bench.md, bench.json and plots",
+        "Euler, DDIM and DPM++ 2M x 20/50 steps x scales 3/5 x every oracle on 64 seeded images of the SD-style "
+        "model, each adaptive row followed by its equal-NFE baselines, then threshold sweeps (the Pareto plot) and "
+        "the per-run anatomy of one image.",
+        "Writes into --out (default out/): bench.md, bench.json, bench_extra.json, pareto.png, pareto.json and "
+        "run_<sampler>_<steps>.png (the committed run is in docs/bench/). About 4 minutes on 2 cores; --quick is "
+        "a smoke run of under a minute.")
     bench.add_argument("--quick", action="store_true", help="a smoke run of under a minute")
     bench.add_argument("--out", default="out", help="output folder (default: out/)")
     bench.add_argument("--samplers", nargs="+", choices=list(SAMPLERS), default=["euler", "ddim", "dpmpp_2m"])
@@ -329,8 +377,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-sweep", action="store_true", help="skip the threshold sweeps and plots")
     bench.add_argument("--threads", type=_positive_int, default=2)
 
-    matrix = sub.add_parser("bench-samplers", help="the default vs fewer steps and vs Spectrum, LazyCache and "
-                                                   "EasyCache at equal NFE, on every sampler and schedule")
+    matrix = _command(
+        sub, "bench-samplers", "the default against fewer steps and against Spectrum, LazyCache and EasyCache at "
+        "equal NFE on every sampler and schedule; about 10 minutes on 2 idle cores; writes samplers.md, "
+        "samplers.json",
+        "Every sampler variant x schedule x 20/30 steps x scales 3/7 on 64 seeded images, the same seeds and noise "
+        "draws for full CFG and every method: each level of the default against full CFG on as many steps, Forge "
+        "Neo's Spectrum brought to the default's NFE, and each peer at its own defaults against the default at the "
+        "peer's NFE.",
+        "Writes into --out (default out/): samplers.md and samplers.json (the committed run is in docs/bench/). "
+        "About 10 minutes on 2 idle cores; --quick is a smoke run of a few seconds.")
     matrix.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     matrix.add_argument("--out", default="out", help="output folder (default: out/)")
     matrix.add_argument("--samplers", nargs="+", choices=list(SAMPLER_VARIANTS), default=list(SAMPLER_VARIANTS))
@@ -342,7 +398,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .lab.tune import KNOBS
 
-    tune = sub.add_parser("tune", help="find an oracle's thresholds that meet a PSNR or NFE target")
+    tune = _command(
+        sub, "tune", "search one oracle's knob for the most aggressive setting that meets a PSNR or NFE target; "
+        "about 3 minutes on 2 busy cores; writes tune_<oracle>.json",
+        "Samples --images calibration images under full CFG and under a grid of settings of the knob (the default "
+        "mode's level, or another oracle's thresholds), bisects between the most aggressive setting that meets the "
+        "target and the next one, and prints the setting with its NFE ratio and PSNR; the exit status is 1 when no setting meets the target. --model takes any "
+        "k-diffusion denoiser (module:function).",
+        "Writes --out/tune_<oracle>.json (default out/). About 3 minutes with the defaults (Euler, 50 steps, 32 "
+        "images) on 2 CPU cores shared with other jobs (load average 7).")
     goal = tune.add_mutually_exclusive_group(required=True)
     goal.add_argument("--target-psnr", type=_scale, help="minimum mean PSNR against full CFG, dB")
     goal.add_argument("--target-nfe", type=_scale, help="maximum NFE ratio to full CFG, in (0, 1]")

@@ -10,7 +10,8 @@ from matplotlib import colormaps
 from PIL import Image
 
 from adaptive_sampler.__main__ import main
-from adaptive_sampler.lab.figure import DIFFERENCE_COLOURS, Group, SamplerRow, comparison_figure, pick_images
+from adaptive_sampler.lab.figure import (DIFFERENCE_COLOURS, HIGHLIGHT, Group, SamplerRow, comparison_figure,
+                                         pick_images)
 
 SHAPE = (3, 1, 16, 16)
 
@@ -46,6 +47,21 @@ def test_the_figure_grows_by_one_row_per_sampler(tmp_path):
     assert one.width == two.width == three.width
     row = two.height - one.height
     assert three.height - two.height == row and row > 2 * 16 * 4  # an image row and a difference row of 64 pixels
+
+
+@pytest.mark.parametrize("default_psnr, winner", [(31.0, "default"), (27.0, "fewer"), (29.04, None)])
+def test_the_closer_cheap_group_is_highlighted(tmp_path, default_psnr, winner):
+    full = torch.full(SHAPE, 0.5)
+    row = SamplerRow("s", Group(full, 20, 40), Group(full, 20, 16, default_psnr), Group(-full - 1.5, 8, 16, 29.0))
+    image = np.asarray(Image.open(comparison_figure([row], tmp_path / "f.png", title="t")).convert("RGB"))
+    green = np.nonzero(np.all(image == HIGHLIGHT, axis=-1))[1]
+    fewer_left = np.nonzero(np.all(image == heat(1.0), axis=-1))[1].min()  # only fewer steps' tiles are this hot
+    if winner is None:  # 29.0 dB both, as shown
+        assert green.size == 0
+    elif winner == "default":
+        assert green.size and green.max() < fewer_left
+    else:
+        assert green.size and green.min() >= fewer_left
 
 
 def test_pick_images_spreads_distinct_labels():

@@ -28,10 +28,12 @@ SAMPLER_TITLES = {"euler": "Euler", "euler_ancestral": "Euler a", "dpmpp_2m": "D
 GROUP_TITLES = ("full CFG", "the default", "fewer steps, same NFE")
 #: The colour map of the difference images (black: identical).
 DIFFERENCE_COLOURS = "inferno"
+#: The caption colour of the cheap group closer to full CFG.
+HIGHLIGHT = (0, 120, 40)
 
 _MARGIN, _PAD, _GROUP_GAP, _ROW_GAP = 18, 4, 30, 22
 _TEXT, _CAPTION, _TITLE, _NOTE = 22, 19, 26, 17
-_DARK, _GREY, _WIN = (20, 20, 20), (105, 105, 105), (0, 120, 40)
+_DARK, _GREY = (20, 20, 20), (105, 105, 105)
 
 
 @dataclass(frozen=True)
@@ -89,12 +91,13 @@ def _psnr(value: float) -> str:
 
 
 def _captions(row: SamplerRow) -> list[tuple[str, bool]]:
-    """(caption, is the closer of the two cheap groups) per group."""
+    """(caption, is the closer of the two cheap groups) per group; a tie at the precision shown highlights neither."""
     full, default, fewer = row.groups
-    better = default.psnr >= fewer.psnr
+    shown = _psnr(default.psnr), _psnr(fewer.psnr)
+    tie = shown[0] == shown[1]
     return [(f"{full.steps} steps · NFE {_nfe(full.nfe)}", False),
-            (f"NFE {_nfe(default.nfe)} · {_psnr(default.psnr)}", better),
-            (f"{fewer.steps} steps · NFE {_nfe(fewer.nfe)} · {_psnr(fewer.psnr)}", not better)]
+            (f"NFE {_nfe(default.nfe)} · {shown[0]}", not tie and default.psnr > fewer.psnr),
+            (f"{fewer.steps} steps · NFE {_nfe(fewer.nfe)} · {shown[1]}", not tie and fewer.psnr > default.psnr)]
 
 
 def _tile(image: np.ndarray, zoom: int) -> Image.Image:
@@ -164,7 +167,7 @@ def comparison_figure(rows: Sequence[SamplerRow], path: str | Path, title: str, 
         draw.text((_MARGIN, diff_y + tile_h // 2), f"difference ×{amplify:g}", font=caption, fill=_GREY, anchor="lm")
         for g, (group, (words, wins)) in enumerate(zip(row.groups, _captions(row))):
             draw.text((left[g], y), words, font=caption_bold if wins else caption,
-                      fill=_WIN if wins else _GREY)
+                      fill=HIGHLIGHT if wins else _GREY)
             for i, image in enumerate(to_uint8(group.images)):
                 canvas.paste(_tile(image, zoom), (left[g] + i * (tile_w + _PAD), image_y))
             if g:
