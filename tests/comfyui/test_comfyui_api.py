@@ -3,34 +3,25 @@
 Runs only when ``COMFYUI_DIR`` names a ComfyUI checkout with a checkpoint in ``models/checkpoints`` (a random-weight
 SD-1.5 checkpoint is enough, provided its zero-initialised output layers were given random values; the suite checks
 that two samplers give different pictures). ComfyUI is started headless on 127.0.0.1 on the CPU with this
-repository linked into ``custom_nodes/``. ``COMFYUI_PYTHON`` (default ``$COMFYUI_DIR/venv/bin/python``) is its
-interpreter, ``COMFYUI_CKPT`` the checkpoint's file name (default: the first ``*.safetensors``), ``COMFYUI_ARGS``
-extra flags. Slow on a CPU: seconds to minutes per picture. Results (NFE, PSNR, time per sampler) are printed and
-written to ``tests/comfyui/comfyui_results.json``.
+repository linked into ``custom_nodes/`` (``comfyui_client.py``: ``COMFYUI_PYTHON``, ``COMFYUI_ARGS``);
+``COMFYUI_CKPT`` is the checkpoint's file name (default: the first ``*.safetensors``). The same checkpoint behind
+ComfyUI's ModelSamplingSD3 / ModelSamplingFlux / ModelSamplingAuraFlow nodes is sampled as a flow model (``CONST``).
+Slow on a CPU: seconds to minutes per picture. Results (NFE, PSNR, time per sampler) are printed and written to
+``tests/comfyui/comfyui_results.json``.
 """
 
-import io
 import json
-import math
 import os
-import shlex
-import tempfile
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from host_suite import free_port, link_to_this_repository, running_server
+from comfyui_client import (COMFYUI_DIR, comfyui_server, decisions, images, nfe, object_info, ok, promised_nfe,
+                            psnr, report, seconds, submit)
 
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set: no real ComfyUI to test against")
 
-REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 STEPS = 8
 SAMPLERS = ["euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde"]
@@ -42,98 +33,31 @@ RESULTS: dict = {}
 
 @pytest.fixture(scope="module")
 def server():
-    root = Path(COMFYUI_DIR)
-    checkpoints = sorted((root / "models" / "checkpoints").glob("*.safetensors"))
+    checkpoints = sorted((Path(COMFYUI_DIR) / "models" / "checkpoints").glob("*.safetensors"))
     if not checkpoints:
         pytest.skip("no checkpoint in $COMFYUI_DIR/models/checkpoints")
-    ckpt = os.environ.get("COMFYUI_CKPT", checkpoints[0].name)
-    link = root / "custom_nodes" / "adaptive-sampler"
-    link_to_this_repository(link)
-    python = os.environ.get("COMFYUI_PYTHON", str(root / "venv" / "bin" / "python"))
-    port = free_port()
-    tmp = tempfile.TemporaryDirectory()
-    args = ["main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
-            "--database-url", f"sqlite:///{tmp.name}/comfyui.db", "--output-directory", f"{tmp.name}/output"]
-    args += shlex.split(os.environ.get("COMFYUI_ARGS", ""))
-    log_path = HERE / "comfyui_server.log"
-    url = f"http://127.0.0.1:{port}"
-    with running_server("ComfyUI", [python, *args], root, log_path, url + "/system_stats",
-                        env={**os.environ, "HF_HUB_OFFLINE": "1"}, poll_s=2):
-        yield {"url": url, "ckpt": ckpt, "log": log_path}
-    tmp.cleanup()
+    with comfyui_server(HERE / "comfyui_server.log") as server:
+        yield {**server, "ckpt": os.environ.get("COMFYUI_CKPT", checkpoints[0].name)}
     if RESULTS:
         (HERE / "comfyui_results.json").write_text(json.dumps(RESULTS, indent=1))
         print("\nComfyUI results:", json.dumps(RESULTS, indent=1))
 
 
-# -- HTTP ----------------------------------------------------------------------------------------------------------
-def _request(url, data=None):
-    req = urllib.request.Request(url, data=None if data is None else json.dumps(data).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return 200, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-def submit(server, graph):
-    """Queue a graph; returns (history entry, None) or (None, the /prompt validation error body)."""
-    code, body = _request(server["url"] + "/prompt", {"prompt": graph, "client_id": uuid.uuid4().hex})
-    if code != 200:
-        return None, json.loads(body)
-    pid = json.loads(body)["prompt_id"]
-    deadline = time.time() + 3600
-    while time.time() < deadline:
-        _, raw = _request(f"{server['url']}/history/{pid}")
-        entry = json.loads(raw).get(pid)
-        if entry and entry["status"].get("completed") is not None and entry["status"]["status_str"] in ("success", "error"):
-            return entry, None
-        time.sleep(0.5)
-    raise AssertionError("prompt did not finish within an hour")
-
-
-def ok(server, graph):
-    entry, error = submit(server, graph)
-    assert error is None, error
-    assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
-    return entry
-
-
-def images(server, entry, node="save"):
-    from PIL import Image
-    out = []
-    for im in entry["outputs"][node]["images"]:
-        q = urllib.parse.urlencode({"filename": im["filename"], "subfolder": im["subfolder"], "type": im["type"]})
-        _, raw = _request(f"{server['url']}/view?{q}")
-        out.append(np.asarray(Image.open(io.BytesIO(raw)).convert("RGB")))
-    return out
-
-
-def seconds(entry):
-    """Execution time of a prompt from ComfyUI's own status timestamps (ms)."""
-    stamps = {kind: data["timestamp"] for kind, data in entry["status"]["messages"]}
-    return (stamps["execution_success"] - stamps["execution_start"]) / 1000
-
-
-def report(entry, node="report"):
-    return entry["outputs"][node]["text"][0]
-
-
-def nfe(text):
-    used, full = text.split("NFE ")[1].split(" ")[0].split("/")
-    return int(used), int(full)
-
-
-def psnr(a, b):
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
-
-
 # -- workflows (API format) ----------------------------------------------------------------------------------------
-def workflow(server, sampler="euler", widgets=None, seed=1, steps=STEPS, batch=1, pick=None, prefix="adaptive"):
-    """Checkpoint -> prompts -> empty latent (optionally one image of a batch) -> [Adaptive Sampling] -> KSampler
-    -> VAE decode -> SaveImage (+ the report node when patched)."""
+#: ComfyUI's nodes that make it sample a model as a flow model (``CONST`` model_sampling), as SD3 / Flux / AuraFlow.
+MODEL_SAMPLING = {
+    "sd3": {"class_type": "ModelSamplingSD3", "inputs": {"shift": 3.0}},
+    "flux": {"class_type": "ModelSamplingFlux", "inputs": {"max_shift": 1.15, "base_shift": 0.5, "width": 64,
+                                                           "height": 64}},
+    "auraflow": {"class_type": "ModelSamplingAuraFlow", "inputs": {"shift": 1.73}},
+}
+
+
+def workflow(server, sampler="euler", widgets=None, seed=1, steps=STEPS, batch=1, pick=None, prefix="adaptive",
+             model_sampling=None):
+    """Checkpoint -> [ModelSampling* node] -> prompts -> empty latent (optionally one image of a batch) -> [Adaptive
+    Sampling] -> KSampler -> VAE decode -> SaveImage (+ the report node when patched). With a model sampling node the
+    scheduler is "simple", the one flow models are sampled with."""
     g = {
         "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": server["ckpt"]}},
         "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red apple on a table", "clip": ["ckpt", 1]}},
@@ -150,8 +74,14 @@ def workflow(server, sampler="euler", widgets=None, seed=1, steps=STEPS, batch=1
         g["pick"] = {"class_type": "LatentFromBatch", "inputs": {"samples": ["latent", 0], "batch_index": pick,
                                                                 "length": 1}}
         g["ksampler"]["inputs"]["latent_image"] = ["pick", 0]
+    model = ["ckpt", 0]
+    if model_sampling is not None:
+        node = MODEL_SAMPLING[model_sampling]
+        g["sampling"] = {"class_type": node["class_type"], "inputs": {"model": model, **node["inputs"]}}
+        model = ["sampling", 0]
+        g["ksampler"]["inputs"].update(model=model, scheduler="simple")
     if widgets is not None:
-        g["adaptive"] = {"class_type": "AdaptiveSampling", "inputs": {"model": ["ckpt", 0], **widgets}}
+        g["adaptive"] = {"class_type": "AdaptiveSampling", "inputs": {"model": model, **widgets}}
         g["ksampler"]["inputs"]["model"] = ["adaptive", 0]
         g["report"] = {"class_type": "AdaptiveSamplingReport", "inputs": {"model": ["adaptive", 0],
                                                                           "latent": ["ksampler", 0]}}
@@ -172,8 +102,7 @@ def generate(server, **kw):
 
 # -- the checks ----------------------------------------------------------------------------------------------------
 def test_the_node_and_samplers_load(server):
-    _, raw = _request(server["url"] + "/object_info")
-    info = json.loads(raw)
+    info = object_info(server)
     assert {"AdaptiveSampling", "AdaptiveSamplingReport"} <= set(info)
     required = info["AdaptiveSampling"]["input"]["required"]
     assert {k: required[k][1]["default"] for k in NODE_DEFAULTS} == NODE_DEFAULTS
@@ -209,7 +138,7 @@ def test_the_default_mode_saves_nfe_and_stays_close_to_full_cfg(server, sampler)
     assert ("stochastic" in text.split(", ")) == (sampler in ("euler_ancestral", "dpmpp_2m_sde"))
     close, unrelated = psnr(adaptive, full), psnr(other_seed, full)
     RESULTS[sampler] = {"nfe": f"{used}/{total}", "psnr_vs_full_cfg_db": round(close, 2),
-                        "psnr_other_seed_db": round(unrelated, 2), "decisions": text.split("decisions ")[1].split(";")[0],
+                        "psnr_other_seed_db": round(unrelated, 2), "decisions": decisions(text),
                         "seconds_full": seconds(full_entry), "seconds_adaptive": seconds(entry),
                         "time_ratio": round(seconds(entry) / seconds(full_entry), 2)}
     assert close > unrelated + 10, RESULTS[sampler]  # the same picture, not merely a picture
@@ -272,3 +201,57 @@ def test_a_bad_widget_value_fails_the_prompt_naming_it(server, widget, value, ex
         assert entry["status"]["status_str"] == "error"
         messages = json.dumps(entry["status"]["messages"])
         assert expect in messages and "execution_error" in messages
+
+
+# -- flow sampling: the checkpoint behind ModelSamplingSD3 / Flux / AuraFlow (ComfyUI's CONST) -------------------------
+FLOW_STEPS = 20
+FLOW_SAMPLERS = ["euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde"]
+
+
+@pytest.mark.parametrize("model_sampling", list(MODEL_SAMPLING))
+@pytest.mark.parametrize("sampler", FLOW_SAMPLERS)
+def test_a_flow_model_saves_what_the_level_promises_and_stays_close_to_full_cfg(server, sampler, model_sampling):
+    """ComfyUI samples the checkpoint as a flow model (flow noise scaling, the RF ancestral step, half-log-SNR DPM++
+    SDE steps from an offset first sigma): the node's default mode saves the NFE its level promises on the sampler,
+    never stops adapting (no call off the schedule: the offset first sigma is the run's), logs its line, and keeps
+    the picture as close to full CFG as on the SD runs."""
+    run = dict(sampler=sampler, steps=FLOW_STEPS, model_sampling=model_sampling)
+    full_entry, (full,) = generate(server, **run)
+    entry, (adaptive,) = generate(server, **run, widgets=NODE_DEFAULTS)
+    _, (other_seed,) = generate(server, **run, seed=2)
+    text = report(entry)
+    used, total = nfe(text)
+    stochastic = "stochastic" in text.split(", ")
+    assert ", flow model, " in text and "adaptation stopped" not in text, text
+    assert stochastic == (sampler != "dpmpp_2m")
+    assert used <= promised_nfe(sampler, stochastic, FLOW_STEPS) and total == 2 * FLOW_STEPS, text
+    close, unrelated = psnr(adaptive, full), psnr(other_seed, full)
+    RESULTS.setdefault("flow", {})[f"{model_sampling} {sampler}"] = {
+        "nfe": f"{used}/{total}", "psnr_vs_full_cfg_db": round(close, 2), "psnr_other_seed_db": round(unrelated, 2),
+        "decisions": decisions(text), "seconds_full": seconds(full_entry), "seconds_adaptive": seconds(entry)}
+    assert close > unrelated + 10, RESULTS["flow"][f"{model_sampling} {sampler}"]
+    assert text in server["log"].read_text()
+
+
+@pytest.mark.parametrize("model_sampling", list(MODEL_SAMPLING))
+@pytest.mark.parametrize("sampler", FLOW_SAMPLERS)
+def test_mode_off_is_pixel_identical_on_a_flow_model(server, sampler, model_sampling):
+    run = dict(sampler=sampler, steps=FLOW_STEPS, model_sampling=model_sampling)
+    _, (plain,) = generate(server, **run)
+    entry, (off,) = generate(server, **run, widgets={**NODE_DEFAULTS, "mode": "off"})
+    assert np.array_equal(plain, off)
+    assert nfe(report(entry)) == (2 * FLOW_STEPS, 2 * FLOW_STEPS)
+
+
+@pytest.mark.parametrize("model_sampling", list(MODEL_SAMPLING))
+@pytest.mark.parametrize("sampler", FLOW_SAMPLERS)
+def test_the_listed_adaptive_sampler_equals_the_node_on_a_flow_model(server, sampler, model_sampling):
+    """``<sampler>_adaptive`` without a node: the same picture as the node's default mode, and its own log line (the
+    node's report, word for word, once more in the console)."""
+    run = dict(steps=FLOW_STEPS, model_sampling=model_sampling)
+    node_entry, (node,) = generate(server, sampler=sampler, widgets=NODE_DEFAULTS, **run)
+    line = report(node_entry)
+    before = server["log"].read_text().count(line)
+    _, (listed,) = generate(server, sampler=f"{sampler}_adaptive", **run)
+    assert np.array_equal(node, listed)
+    assert server["log"].read_text().count(line) == before + 1, line
