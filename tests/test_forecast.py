@@ -222,3 +222,82 @@ def test_auto_placement(stochastic, sampler, placement):
     oracle = Forecast(budget=0.4)
     oracle.reset(O.RunInfo(sampler=sampler, sigmas=sigmas, batch_size=1, stochastic=stochastic))
     assert oracle.plan == computed_steps(20, 0.4, 2, () if placement == "index" else sigmas, placement)
+
+
+# -- flow models -------------------------------------------------------------------------------------------------------
+def _flow_sigmas(steps, shift):
+    from adaptive_sampler.flow import time_snr_shift
+    return tuple(float(time_snr_shift(shift, 1 - j / steps)) for j in range(steps + 1))
+
+
+@pytest.mark.parametrize("sampler,stochastic", [("euler", False), ("dpmpp_2m", False), ("euler_ancestral", True),
+                                                ("dpmpp_2m_sde", True)])
+def test_auto_choices_on_flow_runs(sampler, stochastic):
+    """Flow runs forecast x0 and place computed steps by step length; deterministic ones mix reuse, linear and
+    quadratic forecasts after a one-step warm-up, stochastic ones keep Spectrum's fit, a two-step warm-up and the
+    alternation above half the budget."""
+    sigmas = _flow_sigmas(20, 3.0)
+    oracle = Forecast()
+    oracle.reset(O.RunInfo(sampler=sampler, sigmas=sigmas, batch_size=1, stochastic=stochastic, flow=True))
+    budget = O.LEVELS[O.DEFAULT_LEVEL][0 if not stochastic else 2 if "sde" in sampler else 1]
+    warmup = 2 if stochastic else 1
+    assert oracle._space == "x0" and oracle._ensemble is not None
+    assert oracle._ensemble.forecasts == (("reuse", "linear", "spectral") if stochastic
+                                          else ("reuse", "linear", "quadratic"))
+    assert oracle.plan == computed_steps(20, budget, warmup, sigmas, "step-length", alternate=stochastic)
+    if 2 * len(oracle.plan) > 20 and stochastic:
+        assert oracle.plan == alternate_then_tail(20, len(oracle.plan), warmup)
+
+
+def test_step_length_placement_is_step_index_on_an_even_schedule_and_computes_more_late_steps_on_a_shifted_one():
+    even, shifted = _flow_sigmas(20, 1.0), _flow_sigmas(20, 3.0)
+    assert computed_steps(20, 0.4, 1, even, "step-length") == computed_steps(20, 0.4, 1, (), "index")
+    late = computed_steps(20, 0.4, 1, shifted, "step-length")
+    assert len(late) == 8 and sum(1 for j in late if j >= 10) > sum(1 for j in computed_steps(20, 0.4, 1) if j >= 10)
+    positions = placement_positions("step-length", shifted, 20)
+    lengths = [b - a for a, b in zip(positions, positions[1:])]
+    assert lengths == pytest.approx([abs(shifted[j] - shifted[j + 1]) ** (2 / 3) for j in range(19)])
+
+
+def test_above_half_the_step_length_placement_isolates_every_skipped_step():
+    for steps in range(6, 41):
+        sigmas = _flow_sigmas(steps, 3.0)
+        for total in range(steps // 2 + 1, steps):
+            plan = computed_steps(steps, total / steps, 1, sigmas, "step-length")
+            assert len(plan) == total and 0 in plan and steps - 1 in plan
+            assert not any(j not in plan and j + 1 not in plan for j in range(steps - 1))
+
+
+def test_index_placement_spreads_computed_steps_evenly_from_the_warm_up_to_the_last_step():
+    plan = sorted(computed_steps(20, 0.4, 1))
+    gaps = [b - a for a, b in zip(plan, plan[1:])]
+    assert len(plan) == 8 and plan[0] == 0 and plan[-1] == 19 and max(gaps) - min(gaps) <= 1
+
+
+def test_the_quadratic_forecast_is_exact_for_a_parabola_in_step_index():
+    from adaptive_sampler.oracles.x0_forecast import quadratic_weights
+    times = [0, 3, 5, 8]
+    index = torch.tensor(times, dtype=torch.float64)
+    parabola = lambda t: 2 - 0.3 * t + 0.05 * t * t  # noqa: E731
+    for at in (9, 10, 12):
+        assert float(quadratic_weights(times, at) @ parabola(index)) == pytest.approx(parabola(at))
+    assert torch.equal(quadratic_weights([0, 3], 4), linear_weights([0, 3], 4))
+    with pytest.raises(ValueError, match="forecasts must be a subset"):
+        X0Ensemble(10, forecasts=("linear", "quadratic"))
+
+
+@pytest.mark.parametrize("variant", ["euler", "dpmpp_2m", "euler_ancestral", "dpmpp_2m_sde"])
+@pytest.mark.parametrize("schedule", ["shift 1", "shift 3"])
+def test_on_the_flow_model_the_default_beats_fewer_steps_at_its_nfe(variant, schedule):
+    """Held-out seeds: the default at its level's NFE is closer to full CFG than full CFG with as many steps as it
+    computes (same seeds and noise draws), on every flow sampler, at 24 steps and scale 4."""
+    from adaptive_sampler.lab.experiment import embedded_target, generate_variant
+    from adaptive_sampler.lab.metrics import psnr
+    target = embedded_target("flow")
+    labels, seeds = list(range(10)), [9000 + j for j in range(10)]
+    full, _ = generate_variant(target, variant, schedule, 24, 4.0, labels, seeds)
+    ours, summary = generate_variant(target, variant, schedule, 24, 4.0, labels, seeds, oracle=O.recommended())
+    computed = round(summary.nfe_ratio * 24)
+    fewer, _ = generate_variant(target, variant, schedule, computed, 4.0, labels, seeds)
+    ours_db, fewer_db = float(psnr(ours, full).mean()), float(psnr(fewer, full).mean())
+    assert summary.nfe_ratio <= 0.6 and ours_db >= 20.0 and ours_db > fewer_db, (ours_db, fewer_db)

@@ -73,17 +73,28 @@ DEFAULT_LEVEL = "balanced"
 
 #: Where the computed steps are spread: in step index, or evenly in a function of sigma.
 PLACEMENT_SCALES = {"log-sigma": lambda s: -math.log(s), "rho": lambda s: -s ** (1 / 7)}
+#: The power of the "step-length" placement: computed steps as dense as the schedule's steps are long in sigma, to
+#: this power (measured on flow models, method notes; 0 would be step index, 1 evenly in sigma).
+STEP_LENGTH_POWER = 2 / 3
 
 
 def placement_positions(placement: str, sigmas: Sequence[float], steps: int) -> list[float]:
-    """Each step's position on the axis along which computed steps are spread evenly: a :data:`PLACEMENT_SCALES`
-    function of its sigma, or (``"x0-weight"``) the summed weight ``1 - (sigma_next / sigma) ** 2`` that the steps
-    before it gave their x0 prediction (the weight of an eta-1 ancestral or SDE step)."""
-    if placement == "x0-weight":
+    """Each step's position on the axis along which computed steps are spread evenly: its index (``"index"``), a
+    :data:`PLACEMENT_SCALES` function of its sigma, the summed lengths ``|sigma - sigma_next| ** (2 / 3)`` of the
+    steps before it (``"step-length"``: on a flow model's schedule, evenly in index when the steps are even in
+    sigma, and denser where a shifted schedule takes its long late steps), or (``"x0-weight"``) the summed weight
+    ``1 - (sigma_next / sigma) ** 2`` that the steps before it gave their x0 prediction (the weight of an eta-1
+    ancestral or SDE step)."""
+    if placement == "index":
+        return [float(j) for j in range(steps)]
+    if placement in ("x0-weight", "step-length"):
         positions, total = [], 0.0
         for j in range(steps):
             positions.append(total)
-            total += 1.0 - (sigmas[j + 1] / sigmas[j]) ** 2
+            if placement == "x0-weight":
+                total += 1.0 - (sigmas[j + 1] / sigmas[j]) ** 2
+            else:
+                total += abs(sigmas[j] - sigmas[j + 1]) ** STEP_LENGTH_POWER
         return positions
     scale = PLACEMENT_SCALES[placement]
     return [scale(s) for s in sigmas[:steps]]
@@ -96,41 +107,44 @@ def level_budget(level: str, stochastic: bool, dpm_solver: bool) -> float:
 
 
 def computed_steps(steps: int, budget: float, warmup: int, sigmas: Sequence[float] = (),
-                   placement: str = "log-sigma") -> frozenset[int]:
-    """The steps a budget computes: warm-up, the last step, and the rest spread over the middle steps - evenly in
-    step index, or, when ``sigmas`` (the run's schedule) is given, evenly along a :func:`placement_positions` axis
-    (``"log-sigma"``, ``"rho"`` or ``"x0-weight"``). In step index the minority is
-    spread: the computed steps when the budget is at most half of them, the skipped steps above that (measured: at
-    63-70% this keeps every skipped step between two computed ones and gains 1-10 dB over spreading the computed
-    steps, README method notes). With ``"x0-weight"`` and a budget that leaves at least the last 10% computed after
-    alternating, every skipped step sits between two computed ones from the warm-up on (one step to forecast
-    across) and the computed steps left over close the run, as Forge's Spectrum places its steps (measured on
-    stochastic samplers: README method notes).
+                   placement: str = "log-sigma", alternate: bool | None = None) -> frozenset[int]:
+    """The steps a budget computes: warm-up, the last step, and the rest spread evenly over the middle steps along a
+    :func:`placement_positions` axis (from the last warm-up step to the last step): ``"index"``, or, when ``sigmas``
+    (the run's schedule) is given, ``"step-length"``, ``"log-sigma"``, ``"rho"`` or ``"x0-weight"`` (without sigmas:
+    ``"index"``). With ``"index"`` and ``"step-length"``, above half the steps the skipped ones are spread evenly in
+    index instead (measured: at 60-70% this keeps every skipped step between two computed ones and gains 1-10 dB over
+    spreading the computed steps, method notes).
+
+    ``alternate`` (by default: with ``"x0-weight"``): when the budget leaves at least the last 10% computed after
+    alternating, every skipped step sits between two computed ones from the warm-up on (one step to forecast across)
+    and the computed steps left over close the run, as Forge's Spectrum places its steps (measured on stochastic
+    samplers of both model families: method notes).
 
     A run too short for the budget (fewer than ``warmup + 1`` computed steps) still computes the warm-up and the
     last step: forecasting from nothing would be a guess. :class:`Forecast` reports such runs in its overrides.
     """
+    placement = placement if sigmas else "index"
+    alternate = placement == "x0-weight" if alternate is None else alternate
     total = max(int(math.floor(budget * steps + 1e-9)), min(steps, warmup + 1))
     if total >= steps:
         return frozenset(range(steps))
     middle = list(range(warmup, steps - 1))
     extra = total - warmup - 1
-    if sigmas and placement == "x0-weight" and 2 * total > steps:
+    if alternate and 2 * total > steps:
         alternating = alternate_then_tail(steps, total, warmup)
         if alternating is not None:
             return alternating
-    if sigmas:
+    if placement in ("index", "step-length") and 2 * total > steps:
+        # skipped steps are the minority: spread those in index, so that no two are adjacent while the budget allows
+        skipped = steps - total
+        chosen = set(middle) - {middle[int((k + 0.5) * len(middle) / skipped)] for k in range(skipped)}
+    else:
         lam = placement_positions(placement, sigmas, steps)
         lo, hi = lam[warmup - 1], lam[steps - 1]
         position = {j: (lam[j] - lo) / (hi - lo) for j in middle}
-        chosen: set[int] = set()
+        chosen = set()
         for k in range(1, extra + 1):
             chosen.add(min((j for j in middle if j not in chosen), key=lambda j: abs(position[j] - k / (extra + 1))))
-    elif 2 * total <= steps:  # computed steps are the minority: spread them
-        chosen = {middle[round((j + 1) * len(middle) / (extra + 1))] for j in range(extra)}
-    else:  # skipped steps are the minority: spread those, so that no two are adjacent while the budget allows
-        skipped = steps - total
-        chosen = set(middle) - {middle[int((k + 0.5) * len(middle) / skipped)] for k in range(skipped)}
     return frozenset(range(warmup)) | {steps - 1} | chosen
 
 
@@ -156,25 +170,29 @@ class Forecast(Oracle):
     ``level``: the one knob - ``"quality"``, ``"balanced"`` (the default) or ``"fast"``; it sets the budget for the
     sampler of the run (:data:`LEVELS`; the summary's overrides name the budget used on stochastic samplers).
     ``budget``: an explicit fraction of full CFG's NFE to spend instead (1 = plain full CFG), for experts and the
-    bench. ``warmup``: first steps always computed. ``space``: what is extrapolated in sigma - ``"eps"`` (the guided
-    noise prediction: a multistep update along the ODE), ``"x0"`` (the denoised prediction: the sampler forms eps from
-    the current latent, so noise a stochastic sampler added since the last computed step is kept, not replayed) or
-    ``"auto"``: eps on deterministic runs, x0 on stochastic ones. ``order``: 0 (reuse the last computed value), 1
-    (linear) or 2 (quadratic) Lagrange extrapolation in sigma; ``None``: quadratic for eps, and for x0 the per-image
-    error-weighted mix of :class:`~.x0_forecast.X0Ensemble`. ``placement`` of the computed steps: ``"index"``
-    (spread in step index), ``"log-sigma"``, ``"rho"`` or ``"x0-weight"`` (evenly in log sigma, in
-    ``sigma ** (1 / 7)`` or in the summed x0 weight of the steps, see :func:`placement_positions`; these need the
-    run's sigmas) or ``"auto"``: rho on deterministic runs, x0-weight on stochastic ones. Every ``auto`` choice was
-    measured (README, method notes). The plan depends only on the run's sampler, schedule and steps, and each
-    image's forecast only on its own predictions: an image is the same whatever batch it is in.
+    bench. ``warmup``: first steps always computed (None: 1 on deterministic flow runs, 2 otherwise). ``space``: what
+    is forecast - ``"eps"`` (the guided noise prediction, extrapolated in sigma: a multistep update along the ODE),
+    ``"x0"`` (the denoised prediction: the sampler forms eps from the current latent, so noise a stochastic sampler
+    added since the last computed step is kept, not replayed) or ``"auto"``: eps on deterministic runs of SD-style
+    models, x0 on stochastic runs and on flow models. ``order``: 0 (reuse the last computed value), 1 (linear) or 2
+    (quadratic) Lagrange extrapolation in sigma; ``None``: quadratic for eps, and for x0 the per-image error-weighted
+    mix of :class:`~.x0_forecast.X0Ensemble` (reuse, linear and Spectrum's fit on stochastic runs; reuse, linear and
+    quadratic on deterministic flow runs). ``placement`` of the computed steps: ``"index"`` (evenly in step index),
+    ``"step-length"`` (denser where the schedule's steps are longer in sigma),
+    ``"log-sigma"``, ``"rho"`` or ``"x0-weight"`` (evenly in log sigma, in ``sigma ** (1 / 7)`` or in the summed x0
+    weight of the steps, see :func:`placement_positions`; these need the run's sigmas) or ``"auto"``: on SD-style
+    models rho on deterministic runs and x0-weight on stochastic ones, on flow models step-length; stochastic runs
+    alternate skip / compute with a computed tail above half the budget (:func:`computed_steps`). Every ``auto``
+    choice was measured (docs/method-notes.md). The plan depends only on the run's sampler, schedule and steps, and
+    each image's forecast only on its own predictions: an image is the same whatever batch it is in.
     """
 
     name = "forecast"
     SPACES = ("auto", "eps", "x0")
-    PLACEMENTS = ("auto", "index", "log-sigma", "rho", "x0-weight")
+    PLACEMENTS = ("auto", "index", "step-length", "log-sigma", "rho", "x0-weight")
 
-    def __init__(self, budget: float | None = None, order: int | None = None, warmup: int = 2, space: str = "auto",
-                 placement: str = "auto", level: str = DEFAULT_LEVEL) -> None:
+    def __init__(self, budget: float | None = None, order: int | None = None, warmup: int | None = None,
+                 space: str = "auto", placement: str = "auto", level: str = DEFAULT_LEVEL) -> None:
         super().__init__()
         if level not in LEVELS:
             raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
@@ -194,9 +212,10 @@ class Forecast(Oracle):
         self.order = order
         self.space = space
         self.placement = placement
-        self.warmup = _check_int("warmup", warmup, 1)
+        self.warmup = None if warmup is None else _check_int("warmup", warmup, 1, "an integer >= 1, or None (auto)")
         self.plan: frozenset[int] = frozenset()
         self._space = "eps"
+        self._warmup = 2
         self._history: deque[tuple[float, torch.Tensor]] = deque(maxlen=3)
         self._ensemble: X0Ensemble | None = None
         self._forecast: torch.Tensor | None = None
@@ -207,9 +226,11 @@ class Forecast(Oracle):
 
     def _begin(self, run: RunInfo) -> None:
         dpm_solver = integrates_in_log_sigma(run.sampler)
+        deterministic_flow = run.flow and not run.stochastic
+        self._warmup = (1 if deterministic_flow else 2) if self.warmup is None else self.warmup
         placement = self.placement
         if placement == "auto":
-            placement = "x0-weight" if run.stochastic else "rho"
+            placement = "step-length" if run.flow else "x0-weight" if run.stochastic else "rho"
         if placement != "index" and not (len(run.sigmas) > run.steps and all(s > 0 for s in run.sigmas[:run.steps])):
             if self.placement != "auto":
                 raise ValueError(f"placement {placement!r} needs the run's sigmas (positive up to the last step)")
@@ -222,12 +243,16 @@ class Forecast(Oracle):
                 kind = "a DPM++ SDE sampler" if dpm_solver else "a stochastic sampler"
                 self.overrides.append((0, f"level {self.level!r} spends {budget} of full CFG's NFE on {run.sampler} "
                                           f"({kind}; {level_budget(self.level, False, False)} on deterministic ones)"))
-        self.plan = computed_steps(run.steps, budget, self.warmup, sigmas, placement)
+        alternate = run.stochastic if self.placement == "auto" else None
+        self.plan = computed_steps(run.steps, budget, self._warmup, sigmas, placement, alternate)
         if len(self.plan) > budget * run.steps + 1e-9:
             self.overrides.append((0, f"budget {budget} raised to {len(self.plan)}/{run.steps} computed steps: "
-                                      f"a {run.steps}-step run needs warm-up ({self.warmup}) and the last step"))
-        self._space = ("x0" if run.stochastic else "eps") if self.space == "auto" else self.space
-        self._ensemble = X0Ensemble(run.steps) if self._space == "x0" and self.order is None else None
+                                      f"a {run.steps}-step run needs warm-up ({self._warmup}) and the last step"))
+        auto_space = "x0" if run.stochastic or run.flow else "eps"
+        self._space = auto_space if self.space == "auto" else self.space
+        forecasts = ("reuse", "linear", "quadratic") if deterministic_flow else X0Ensemble.STOCHASTIC
+        self._ensemble = (X0Ensemble(run.steps, forecasts=forecasts)
+                          if self._space == "x0" and self.order is None else None)
         self._history = deque(maxlen=(self.order if self.order is not None else 2) + 1)
         self._forecast = None
 

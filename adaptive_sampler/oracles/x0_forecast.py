@@ -1,15 +1,18 @@
-"""Forecasting the denoised prediction (x0) of a skipped step on a stochastic sampler, per image.
+"""Forecasting the denoised prediction (x0) of a skipped step, per image: on stochastic samplers and on flow models.
 
-Three forecasts from the last computed x0s, each a fixed linear combination of them (weights that depend only on the
-step indices, so every image is forecast from its own predictions alone):
+Forecasts from the last computed x0s, each a fixed linear combination of them (weights that depend only on the step
+indices, so every image is forecast from its own predictions alone):
 
 * ``reuse``: the last computed x0;
 * ``linear``: the line through the last two, in step index;
+* ``quadratic``: the parabola through the last three, in step index;
 * ``spectral``: Forge Neo's Spectrum forecast, ``0.75 * linear + 0.25 * Chebyshev ridge fit`` (degree 6, ridge 0.5,
   the last 8 computed steps, step index mapped to [-1, 1]).
 
-Which is best depends on the image, the sampler, the schedule and the guidance scale: reuse wins at high scales and
-on Karras schedules, the extrapolations on smooth trajectories (measured, README method notes). Every computed step
+Which is best depends on the image, the sampler, the schedule and the guidance scale: on SD-style stochastic runs
+reuse wins at high scales and on Karras schedules, the extrapolations on smooth trajectories; on a flow model's
+deterministic runs (nearly straight paths) the quadratic earns its weight and the spectral fit does not (measured,
+docs/method-notes.md). :class:`X0Ensemble` mixes a chosen set of them. Every computed step
 shows, for free, how far each forecast from the steps before it would have missed it (a-posteriori error, as an
 embedded Runge-Kutta pair gives). :class:`X0Ensemble` keeps a decaying mean of each forecast's squared error per
 image and mixes the forecasts with weights ``error ** -0.5`` (normalised): a forecast that keeps missing fades out,
@@ -17,6 +20,8 @@ and no single lucky step decides alone.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -51,6 +56,18 @@ def chebyshev_weights(times: list[int], at: int, steps: int, degree: int = SPECT
     return (design([at]) @ torch.linalg.solve(gram, fitted.T)).squeeze(0)
 
 
+def quadratic_weights(times: list[int], at: int) -> torch.Tensor:
+    """Weights on the stored values of the parabola through the last three (the line through two, or the last value
+    alone, when fewer are stored)."""
+    if len(times) < 3:
+        return linear_weights(times, at)
+    weights = torch.zeros(len(times), dtype=torch.float64)
+    last = times[-3:]
+    for j, tj in enumerate(last):
+        weights[len(times) - 3 + j] = math.prod((at - tm) / (tj - tm) for m, tm in enumerate(last) if m != j)
+    return weights
+
+
 def spectral_weights(times: list[int], at: int, steps: int) -> torch.Tensor:
     """Spectrum's forecast as weights on the stored values: ``0.75 * linear + 0.25 * Chebyshev fit``."""
     return ((1 - SPECTRAL_BLEND) * linear_weights(times, at)
@@ -67,14 +84,20 @@ def combine(weights: torch.Tensor, values: list[torch.Tensor]) -> torch.Tensor:
 
 
 class X0Ensemble:
-    """Per-image mix of the reuse, linear and spectral x0 forecasts, weighted by their a-posteriori errors (see the
-    module docstring). ``steps`` is the run's length (the spectral fit's time axis); ``decay`` the weight of the
-    older errors in the running mean."""
+    """Per-image mix of x0 forecasts (``forecasts``, a subset of :data:`FORECASTS` that includes ``reuse``; by default
+    reuse, linear and spectral), weighted by their a-posteriori errors (see the module docstring). ``steps`` is the
+    run's length (the spectral fit's time axis); ``decay`` the weight of the older errors in the running mean."""
 
-    FORECASTS = ("reuse", "linear", "spectral")
+    FORECASTS = ("reuse", "linear", "quadratic", "spectral")
+    STOCHASTIC = ("reuse", "linear", "spectral")
 
-    def __init__(self, steps: int, decay: float = 0.5, memory: int = SPECTRAL_MEMORY) -> None:
-        self.steps, self.decay, self.memory = steps, decay, memory
+    def __init__(self, steps: int, decay: float = 0.5, memory: int = SPECTRAL_MEMORY,
+                 forecasts: tuple[str, ...] = STOCHASTIC) -> None:
+        unknown = [name for name in forecasts if name not in self.FORECASTS]
+        if unknown or "reuse" not in forecasts:
+            raise ValueError(f"forecasts must be a subset of {', '.join(self.FORECASTS)} that includes 'reuse', "
+                             f"got {forecasts!r}")
+        self.steps, self.decay, self.memory, self.forecasts = steps, decay, memory, tuple(forecasts)
         self.times: list[int] = []
         self.values: list[torch.Tensor] = []
         self.errors: dict[str, torch.Tensor] = {}
@@ -89,8 +112,10 @@ class X0Ensemble:
         last = self.values[-1]
         if len(self.values) < 2:
             return {"reuse": last}
-        return {"reuse": last, "linear": combine(linear_weights(self.times, at), self.values),
-                "spectral": combine(spectral_weights(self.times, at, self.steps), self.values)}
+        weights = {"linear": lambda: linear_weights(self.times, at),
+                   "quadratic": lambda: quadratic_weights(self.times, at),
+                   "spectral": lambda: spectral_weights(self.times, at, self.steps)}
+        return {name: last if name == "reuse" else combine(weights[name](), self.values) for name in self.forecasts}
 
     def forecast(self, at: int) -> torch.Tensor:
         """The x0 forecast for step ``at``: the error-weighted mix of the forecasts scored so far (reuse before any
