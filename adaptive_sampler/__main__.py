@@ -250,16 +250,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_bench_samplers(args: argparse.Namespace) -> int:
     from .lab import matrix
-    from .lab.experiment import embedded_target
+    from .lab.experiment import embedded_target, variants_for
 
     torch.set_num_threads(args.threads)
     if args.quick:
-        args.samplers, args.schedules, args.steps, args.scales, args.images = (
-            ["euler_ancestral", "dpmpp_2m"], ["karras"], [10], [7.0], 8)
-    pairs = matrix.run_matrix(embedded_target(), args.samplers, args.schedules, args.steps, args.scales, args.images)
-    md, js = matrix.write(pairs, Path(args.out))
-    print(matrix.summary(pairs))
-    print(f"wrote {md}, {js}")
+        args.samplers, args.schedules, args.flow_schedules, args.steps, args.scales, args.images = (
+            ["euler_ancestral", "dpmpp_2m"], ["karras"], ["shift 3"], [10], [5.0], 8)
+    for family in args.families:
+        target = embedded_target(family)
+        variants = [v for v in args.samplers if v in variants_for(target)]
+        if not variants:
+            raise ValueError(f"none of the samplers {', '.join(args.samplers)} runs on the {family} model (DDIM is "
+                             f"for SD-style models); add one of {', '.join(variants_for(target))}")
+        schedules = args.flow_schedules if target.flow else args.schedules
+        scales = args.flow_scales if target.flow else args.scales
+        pairs = matrix.run_matrix(target, variants, schedules, args.steps, scales, args.images)
+        md, js = matrix.write(pairs, Path(args.out), target)
+        print(f"\n{target.name} ({family}):")
+        print(matrix.summary(pairs))
+        print(f"wrote {md}, {js}")
     return 0
 
 
@@ -379,20 +388,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     matrix = _command(
         sub, "bench-samplers", "the default against fewer steps and against Spectrum, LazyCache and EasyCache at "
-        "equal NFE on every sampler and schedule; about 10 minutes on 2 idle cores; writes samplers.md, "
-        "samplers.json",
-        "Every sampler variant x schedule x 20/30 steps x scales 3/7 on 64 seeded images, the same seeds and noise "
-        "draws for full CFG and every method: each level of the default against full CFG on as many steps, Forge "
-        "Neo's Spectrum brought to the default's NFE, and each peer at its own defaults against the default at the "
-        "peer's NFE.",
-        "Writes into --out (default out/): samplers.md and samplers.json (the committed run is in docs/bench/). "
-        "About 10 minutes on 2 idle cores; --quick is a smoke run of a few seconds.")
+        "equal NFE on every sampler and schedule of both model families; about 20 minutes on 2 idle cores; writes "
+        "samplers.md / .json and samplers_flow.md / .json",
+        "Every sampler variant x schedule x 20/30 steps x scale on 64 seeded images, the same seeds and noise draws "
+        "for full CFG and every method: each level of the default against full CFG on as many steps, Forge Neo's "
+        "Spectrum brought to the default's NFE, and each peer at its own defaults against the default at the peer's "
+        "NFE. The SD-style model runs its own and the Karras schedule at scales 3 and 7, the flow model its schedule "
+        "at shift 1 and 3 and scales 3 and 5.",
+        "Writes into --out (default out/): samplers.md / samplers.json (SD-style model) and samplers_flow.md / "
+        "samplers_flow.json (flow model); the committed runs are in docs/bench/. About 10 minutes per family on 2 "
+        "idle cores; --quick is a smoke run of a few seconds.")
     matrix.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     matrix.add_argument("--out", default="out", help="output folder (default: out/)")
-    matrix.add_argument("--samplers", nargs="+", choices=list(SAMPLER_VARIANTS), default=list(SAMPLER_VARIANTS))
-    matrix.add_argument("--schedules", nargs="+", choices=list(SCHEDULES), default=list(SCHEDULES))
+    matrix.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES),
+                        help="model families: sd (the SD-style model), flow (the flow-matching model); default both")
+    matrix.add_argument("--samplers", nargs="+", choices=list(SAMPLER_VARIANTS), default=list(SAMPLER_VARIANTS),
+                        help="sampler variants (DDIM runs on the SD-style model only)")
+    matrix.add_argument("--schedules", nargs="+", choices=list(SCHEDULES), default=list(SCHEDULES),
+                        help="schedules of the SD-style model (DDIM keeps its own timestep grid)")
+    matrix.add_argument("--flow-schedules", nargs="+", type=_flow_schedule, default=list(FLOW_SCHEDULES),
+                        help="schedules of the flow model, 'shift <number>' (default: 'shift 1' 'shift 3')")
     matrix.add_argument("--steps", type=_positive_int, nargs="+", default=[20, 30])
-    matrix.add_argument("--scales", type=_scale, nargs="+", default=[3.0, 7.0])
+    matrix.add_argument("--scales", type=_scale, nargs="+", default=[3.0, 7.0],
+                        help="guidance scales on the SD-style model (default 3 7)")
+    matrix.add_argument("--flow-scales", type=_scale, nargs="+", default=[3.0, 5.0],
+                        help="guidance scales on the flow model (default 3 5: flow models run lower CFG)")
     matrix.add_argument("--images", type=_positive_int, default=64)
     matrix.add_argument("--threads", type=_positive_int, default=2)
 

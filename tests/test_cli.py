@@ -15,6 +15,19 @@ def test_demo_writes_a_grid(tmp_path, capsys):
     assert "NFE/image" in out and "recommended" in out
 
 
+def test_bench_samplers_quick_writes_a_table_per_model_family(tmp_path, capsys):
+    assert main(["bench-samplers", "--quick", "--out", str(tmp_path)]) == 0
+    for stem, schedule in (("samplers", "karras"), ("samplers_flow", "shift 3")):
+        pairs = json.loads((tmp_path / f"{stem}.json").read_text())
+        assert {p["variant"] for p in pairs} == {"euler_ancestral", "dpmpp_2m"}
+        assert {p["schedule"] for p in pairs} == {schedule}
+        assert {"default", "Spectrum", "LazyCache", "EasyCache"} <= {p["method"] for p in pairs}
+        assert "the default (level balanced) / fewer steps" in (tmp_path / f"{stem}.md").read_text()
+    assert "embedded-flow-digits-v1 (flow)" in capsys.readouterr().out
+    assert main(["bench-samplers", "--families", "flow", "--samplers", "ddim", "--out", str(tmp_path)]) == 2
+    assert "none of the samplers ddim runs on the flow model" in capsys.readouterr().err
+
+
 def test_bench_quick_writes_tables_and_plots(tmp_path, capsys):
     assert main(["bench", "--quick", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "bench.json").read_text())

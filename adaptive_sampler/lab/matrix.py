@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import oracles as O
-from .experiment import Target, generate_variant, variant_schedules
+from .experiment import Target, generate_variant, on_schedule, variant_schedules, variants_for
 from .metrics import PSNR_CAP, psnr, ssim
 from .peers import OutputChangeCache, SpectrumRule, spectrum_plan
 
@@ -39,8 +39,11 @@ PEERS: tuple[tuple[str, Callable[[Target], O.Oracle]], ...] = (
 
 
 def percent_to_sigma(target: Target) -> Callable[[float], float]:
-    """ComfyUI's ``percent_to_sigma`` for a discrete-schedule denoiser: the sigma of timestep ``(1 - p) * 999``."""
+    """ComfyUI's ``percent_to_sigma``: the flow model's own (its shifted schedule time), or for a discrete-schedule
+    denoiser the sigma of timestep ``(1 - p) * 999``."""
     model = target.model
+    if target.flow:
+        return model.percent_to_sigma
 
     def sigma_at(percent: float) -> float:
         if percent <= 0.0:
@@ -82,6 +85,7 @@ def cell(target: Target, variant: str, schedule: str, steps: int, scale: float, 
     def scores(images: torch.Tensor) -> tuple[float, float]:
         return float(psnr(images, reference).mean()), float(ssim(images, reference).mean())
 
+    scheduled = on_schedule(target, schedule)  # a flow model's peers see its shifted schedule, as in ComfyUI
     pairs = []
     for level in O.LEVELS:
         ours, ours_ratio = run(O.recommended(level))
@@ -97,7 +101,7 @@ def cell(target: Target, variant: str, schedule: str, steps: int, scale: float, 
                 pairs.append(Pair(variant, schedule, steps, scale, SPECTRUM_AT_OURS, ratio, *scores(images),
                                   f"default ({setting})", ours_ratio, *scores(ours)))
     for name, make in PEERS:
-        peer, peer_ratio = run(make(target))
+        peer, peer_ratio = run(make(scheduled))
         ours, ours_ratio = run(O.Forecast(budget=peer_ratio))
         pairs.append(Pair(variant, schedule, steps, scale, name, peer_ratio, *scores(peer),
                           "default at equal NFE", ours_ratio, *scores(ours)))
@@ -122,6 +126,13 @@ def spectrum_at(run: Callable[..., tuple[torch.Tensor, float]], steps: int, rati
 
 def run_matrix(target: Target, variants: Sequence[str], schedules: Sequence[str], steps: Sequence[int],
                scales: Sequence[float], images: int, seed: int = 0, progress: bool = True) -> list[Pair]:
+    """Every cell of ``variants`` x ``schedules`` x ``steps`` x ``scales`` on ``images`` seeded images."""
+    unknown = [v for v in variants if v not in variants_for(target)]
+    if unknown:
+        raise ValueError(f"{target.name} does not run {', '.join(unknown)} (choose from {', '.join(variants_for(target))}"
+                         + ("; on a flow model DDIM with eta 0 is Euler)" if target.flow else ")"))
+    for schedule in schedules:
+        on_schedule(target, schedule)  # a schedule of the other family fails here, before any cell runs
     labels = [j % target.num_classes for j in range(images)]
     seeds = [seed + j for j in range(images)]
     pairs: list[Pair] = []
@@ -214,11 +225,14 @@ def summary(pairs: Sequence[Pair]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write(pairs: Sequence[Pair], out_dir: Path) -> tuple[Path, Path]:
+def write(pairs: Sequence[Pair], out_dir: Path, target: Target) -> tuple[Path, Path]:
+    """``samplers.md`` / ``samplers.json`` for the SD-style model, ``samplers_flow.*`` for a flow model."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    md, js = out_dir / "samplers.md", out_dir / "samplers.json"
-    md.write_text("## Every sampler: the default, fewer steps and the peers at equal NFE\n\n"
-                  "PSNR against the full-CFG image with the same seeds and noise draws.\n" + summary(pairs)
+    stem = "samplers_flow" if target.flow else "samplers"
+    md, js = out_dir / f"{stem}.md", out_dir / f"{stem}.json"
+    family = "flow-matching model" if target.flow else "SD-style model"
+    md.write_text(f"## Every sampler on the {family} ({target.name}): the default, fewer steps and the peers at "
+                  "equal NFE\n\nPSNR against the full-CFG image with the same seeds and noise draws.\n" + summary(pairs)
                   + "\n## Every cell\n\n" + markdown(pairs))
     js.write_text(json.dumps([asdict(p) for p in pairs], indent=1, default=float) + "\n")
     return md, js
