@@ -394,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
         "for full CFG and every method: each level of the default against full CFG on as many steps, Forge Neo's "
         "Spectrum brought to the default's NFE, and each peer at its own defaults against the default at the peer's "
         "NFE. The SD-style model runs its own and the Karras schedule at scales 3 and 7, the flow model its schedule "
-        "at shift 1 and 3 and scales 3 and 5.",
+        "at shift 1 and 3 and scales 1 (unguided: one network row per step), 3 and 5.",
         "Writes into --out (default out/): samplers.md / samplers.json (SD-style model) and samplers_flow.md / "
         "samplers_flow.json (flow model); the committed runs are in docs/bench/. About 10 minutes per family on 2 "
         "idle cores; --quick is a smoke run of a few seconds.")
@@ -411,8 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     matrix.add_argument("--steps", type=_positive_int, nargs="+", default=[20, 30])
     matrix.add_argument("--scales", type=_scale, nargs="+", default=[3.0, 7.0],
                         help="guidance scales on the SD-style model (default 3 7)")
-    matrix.add_argument("--flow-scales", type=_scale, nargs="+", default=[3.0, 5.0],
-                        help="guidance scales on the flow model (default 3 5: flow models run lower CFG)")
+    matrix.add_argument("--flow-scales", type=_scale, nargs="+", default=[1.0, 3.0, 5.0],
+                        help="guidance scales on the flow model (default 1 3 5: flow models run lower CFG, and scale 1 "
+                             "is the guidance-distilled use, one network row per step)")
     matrix.add_argument("--images", type=_positive_int, default=64)
     matrix.add_argument("--threads", type=_positive_int, default=2)
 
