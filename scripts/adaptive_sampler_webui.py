@@ -213,7 +213,10 @@ def forge_before_sampling(p, sampler, name: str, enabled: bool) -> None:
 
 
 def _xyz_axes():
-    """Add X/Y/Z plot axes: mode and every threshold (they override the accordion / settings per cell)."""
+    """Add X/Y/Z plot axes: mode and every threshold (they override the accordion / settings per cell). Run when this
+    script loads (the WebUI loads its own scripts, X/Y/Z plot among them, before extensions') and again before the
+    UI is built, whichever finds the plot first: with ``--nowebui`` the API takes the plot's axes (and its default
+    arguments) once, before the before-UI callbacks run."""
     xyz = next((s.module for s in scripts.scripts_data if s.script_class.__module__ == "xyz_grid.py"), None)
     if xyz is None or any(getattr(o, "label", "").startswith("[Adaptive]") for o in xyz.axis_options):
         return
@@ -233,4 +236,5 @@ def _xyz_axes():
     xyz.axis_options.append(xyz.AxisOption("[Adaptive] Level", str, setter("level"), choices=lambda: list(LEVELS)))
 
 
+_xyz_axes()
 script_callbacks.on_before_ui(_xyz_axes)
