@@ -8,7 +8,7 @@ import pytest
 import torch
 import k_diffusion as K
 
-from adaptive_sampler import embedded
+from adaptive_sampler import embedded, sampling as S
 from adaptive_sampler.hosts import a1111 as W
 from adaptive_sampler.oracles import Decision
 
@@ -154,11 +154,11 @@ def infotext_nfe(p, index):
     return value(index=index, p=p) if callable(value) else value
 
 
-def sample(denoiser, labels, steps=20, scale=3.0, sampler=K.sampling.sample_euler, seeds=None,
+def sample(denoiser, labels, steps=20, scale=3.0, sampler=K.sampling.sample_euler, seeds=None, sigmas=None,
            **conds_kw):
     """A pass of the stand-in; ``seeds`` gives each image its own initial noise (A1111 seeds image k of a batch by
     seed + k), so an image can be sampled alone and in a batch."""
-    sigmas = embedded.load_denoiser().get_sigmas(steps)
+    sigmas = embedded.load_denoiser().get_sigmas(steps) if sigmas is None else sigmas
     cond, uncond = conds(labels, **conds_kw)
     x = initial_noise(len(labels), sigmas[0]) if seeds is None else \
         torch.cat([initial_noise(1, sigmas[0], seed=seed) for seed in seeds])
@@ -252,3 +252,20 @@ def test_default_forecast_budget_is_automatic():
     ("Euler a", None, False)])
 def test_runs_are_marked_stochastic_when_the_sampler_adds_noise_at_its_eta(name, eta, stochastic):
     assert W.is_stochastic(name, eta) is stochastic
+
+
+def test_a_flow_model_is_told_to_the_oracle():
+    """A1111 1.10 runs SD3, a flow model (its denoiser's sigmas end at 1): the run is a flow run, and the default
+    mode gives the picture our own loop gives on the same flow model with the same oracle."""
+    flow = embedded.load_flow_denoiser(shift=3.0)
+    settings = W.AdaptiveSettings(min_steps=1)
+    sigmas = flow.get_sigmas(12)
+    d = make(settings, flow, 12)
+    out = sample(d, [3, 5], steps=12, sigmas=sigmas)
+    assert d.adaptive.oracle.run.flow
+    x = initial_noise(2, sigmas[0])
+    torch.manual_seed(0)
+    ours = S.sample_euler(flow, x, sigmas, oracle=settings.build_oracle(12), disable=True,
+                          extra_args=dict(cond=torch.tensor([3, 5]), uncond=torch.full((2,), embedded.NULL_LABEL),
+                                          cond_scale=3.0))
+    assert torch.allclose(out, ours, atol=1e-4)
