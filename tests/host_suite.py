@@ -125,3 +125,30 @@ def psnr_db(a, b):
     """PSNR of two 8-bit images in dB (inf when identical)."""
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+# -- test-only extensions and scripts the A1111-family suites use ---------------------------------------------------
+#: The test-only extension that gives each image of a batch its own prompt (linked into extensions/ by the suites).
+PROMPT_LIST = REPO / "tests" / "webui" / "prompt_list"
+#: Prompts for the "alone vs in a batch" cases.
+BATCH_PROMPTS = ["a red apple", "a blue car on a road", "a green tree", "a yellow house at night"]
+
+
+def prompt_list(prompts):
+    """The ``alwayson_scripts`` entry giving each image of the request its own prompt."""
+    return {"test prompt list": {"args": [json.dumps(list(prompts))]}}
+
+
+def xyz_axis(url, label):
+    """The index the X/Y/Z plot's txt2img type dropdowns give an axis (the API takes indexes)."""
+    info = call(url, "/sdapi/v1/script-info")
+    xyz = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])
+    return xyz["args"][0]["choices"].index(label)
+
+
+def xyz_args(x_type, x_values, y_type, y_values, forge=False):
+    """The X/Y/Z plot's ``script_args`` for two dropdown axes (values as lists), the cells' images included; Forge's
+    script has a row count before the margin."""
+    args = [x_type, "", list(x_values), y_type, "", list(y_values), 0, "", [], True, True, False, False, False, False,
+            False]
+    return args + ([0] if forge else []) + [0, False]

@@ -3,7 +3,8 @@
 Runs only when ``A1111_DIR`` points at a WebUI checkout with a checkpoint in ``models/Stable-diffusion`` (a
 random-weight SD-1.5 checkpoint is enough, provided its zero-initialised output layers were given random values).
 The server is started headless on 127.0.0.1 with this repository
-linked as an extension; ``A1111_PYTHON`` (default ``$A1111_DIR/venv/bin/python``) and ``A1111_ARGS`` (extra
+linked as an extension, and ``tests/webui/prompt_list`` (a test-only extension giving each image of a batch its own
+prompt); ``A1111_PYTHON`` (default ``$A1111_DIR/venv/bin/python``) and ``A1111_ARGS`` (extra
 command-line flags) adjust how. Slow on a CPU: tens of seconds per request.
 """
 
@@ -17,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from host_suite import (ADAPTIVE, BUILTIN, adaptive_args, call, decode, fields, free_port, img2img as host_img2img,
-                        link_to_this_repository, psnr_db, running_server)
+from host_suite import (ADAPTIVE, BATCH_PROMPTS, BUILTIN, PROMPT_LIST, adaptive_args, call, decode, fields, free_port,
+                        img2img as host_img2img, link_to_this_repository, prompt_list, psnr_db, running_server,
+                        xyz_args, xyz_axis)
 
 A1111_DIR = os.environ.get("A1111_DIR")
 pytestmark = pytest.mark.skipif(not A1111_DIR, reason="A1111_DIR is not set: no real A1111 to test against")
@@ -37,6 +39,7 @@ def server():
     link = root / "extensions" / "adaptive-sampler"
     link.parent.mkdir(exist_ok=True)
     link_to_this_repository(link)
+    link_to_this_repository(root / "extensions" / "adaptive-sampler-test-prompt-list", PROMPT_LIST)
     python = os.environ.get("A1111_PYTHON", str(root / "venv" / "bin" / "python"))
     port = free_port()
     args = ["--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--skip-version-check",
@@ -228,3 +231,44 @@ def test_negative_guidance_minimum_sigma_is_a1111s_own_with_adaptation_disabled(
         images, _ = txt2img(server, sampler_name="Euler Adaptive", override_settings=ngms,
                             alwayson_scripts=adaptive_args(mode=mode))
         assert len(images) == 1
+
+
+# -- per-image decisions (issue 21) and the X/Y/Z plot axes ------------------------------------------------------
+def nfe(f):
+    used, full = map(int, f["Adaptive NFE"].split("/"))
+    return used, full
+
+
+@pytest.mark.parametrize("mode,setting", [("ag", dict(ag_threshold=0.995)),
+                                          ("adaptive-diffusion", dict(ad_threshold=0.15))], ids=["ag", "ad"])
+def test_an_image_is_the_same_alone_and_in_a_batch_of_four_with_other_prompts(server, mode, setting):
+    """AG and AdaptiveDiffusion decide per image: image k of a batch of four prompts (seed + k, as A1111 seeds a
+    batch) spends the NFE it spends alone and gives its picture (up to the UNet's own batch-size rounding, which
+    keeps the built-in samplers above 80 dB between the two). The thresholds make the images of the batch decide
+    differently on the random checkpoint, which the case checks first."""
+    args = adaptive_args(mode=mode, **setting)
+    seed = 1000
+    images, infotexts = txt2img(server, sampler_name="Euler Adaptive", steps=12, seed=seed, batch_size=4,
+                                alwayson_scripts={**args, **prompt_list(BATCH_PROMPTS)})
+    assert [t.split("\n")[0] for t in infotexts] == BATCH_PROMPTS
+    spent = [nfe(fields(t)) for t in infotexts]
+    assert len(set(spent)) > 1, spent
+    for k in (1, 3):
+        alone, info = txt2img(server, prompt=BATCH_PROMPTS[k], sampler_name="Euler Adaptive", steps=12, seed=seed + k,
+                              alwayson_scripts=args)
+        quality = psnr_db(alone[0], images[k])
+        print(f"{mode}: image {k} alone NFE {nfe(fields(info[0]))}, in the batch {spent[k]}, PSNR {quality:.1f} dB")
+        assert nfe(fields(info[0])) == spent[k] and quality > 40.0
+
+
+def test_the_xyz_plot_axes_set_the_mode_and_the_level(server):
+    """X/Y/Z plot: "[Adaptive] Mode" x "[Adaptive] Level"; each cell's infotext records its mode and level, and the
+    default mode spends more at level quality than at fast."""
+    args = xyz_args(xyz_axis(server, "[Adaptive] Mode"), ["forecast", "ag"], xyz_axis(server, "[Adaptive] Level"),
+                    ["quality", "fast"])
+    body = call(server, "/sdapi/v1/txt2img", {**BASE, "steps": 12, "sampler_name": "Euler Adaptive",
+                                               "script_name": "x/y/z plot", "script_args": args})
+    cells = [fields(t) for t in json.loads(body["info"])["infotexts"][1:]]  # [0]: the grid
+    assert len(cells) == 4 and sorted(f["Adaptive mode"] for f in cells) == ["ag", "ag", "forecast", "forecast"]
+    forecast = {f["Adaptive level"]: nfe(f) for f in cells if f["Adaptive mode"] == "forecast"}
+    assert forecast["quality"][0] > forecast["fast"][0] and forecast["fast"][1] == 24
