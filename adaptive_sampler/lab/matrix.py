@@ -199,6 +199,33 @@ def markdown(pairs: Sequence[Pair]) -> str:
     return "\n".join(out) + "\n"
 
 
+#: The sampler families a level budgets differently (:data:`~adaptive_sampler.oracles.LEVELS`), by variant.
+LEVEL_FAMILIES = {"deterministic": ("euler", "dpmpp_2m", "ddim"), "Euler a, DDIM eta 1": ("euler_ancestral", "ddim_eta1"),
+                  "DPM++ 2M SDE": ("dpmpp_2m_sde",)}
+
+
+def levels(pairs: Sequence[Pair]) -> str:
+    """The one knob: per level and sampler family, the NFE ratio, the PSNR range and mean against full CFG, and the
+    cells where the level beats fewer steps at equal NFE (``scales``: the guidance scales counted; all by default)."""
+    out = ["\n**The one knob** (each level over every cell of this table; NFE ratio of full CFG's, PSNR dB against "
+           "full CFG, cells where it beats fewer steps at equal NFE):\n",
+           "| level | samplers | NFE ratio | PSNR range | mean PSNR | beats fewer steps |", "|---|---|---:|---:|---:|---:|"]
+    for level in O.LEVELS:
+        method = "default" if level == O.DEFAULT_LEVEL else f"level {level}"
+        for family, variants in LEVEL_FAMILIES.items():
+            rows = [p for p in pairs if p.method == method and p.variant in variants]
+            if not rows:
+                continue
+            ratios = sorted({round(p.nfe_ratio, 2) for p in rows})
+            ratio = f"{ratios[0]:.2f}" if len(ratios) == 1 else f"{ratios[0]:.2f}–{ratios[-1]:.2f}"
+            values = [p.psnr for p in rows]
+            wins = sum(p.psnr > p.baseline_psnr for p in rows)
+            name = f"**{level}** (default)" if level == O.DEFAULT_LEVEL else level
+            out.append(f"| {name} | {family} | {ratio} | {min(values):.1f}–{max(values):.1f} | "
+                       f"{sum(values) / len(values):.1f} | {wins}/{len(rows)} |")
+    return "\n".join(out) + "\n"
+
+
 def summary(pairs: Sequence[Pair]) -> str:
     """Compact tables, one row per sampler and schedule, one column per steps/scale: ours against fewer steps (each
     level), then against each peer ("ours / theirs (NFE ratio)", bold where ours wins, "-" where the peer cannot get
@@ -233,6 +260,6 @@ def write(pairs: Sequence[Pair], out_dir: Path, target: Target) -> tuple[Path, P
     family = "flow-matching model" if target.flow else "SD-style model"
     md.write_text(f"## Every sampler on the {family} ({target.name}): the default, fewer steps and the peers at "
                   "equal NFE\n\nPSNR against the full-CFG image with the same seeds and noise draws.\n" + summary(pairs)
-                  + "\n## Every cell\n\n" + markdown(pairs))
+                  + levels(pairs) + "\n## Every cell\n\n" + markdown(pairs))
     js.write_text(json.dumps([asdict(p) for p in pairs], indent=1, default=float) + "\n")
     return md, js
