@@ -129,21 +129,23 @@ def demo_family(family: str, args: argparse.Namespace, classifier) -> tuple[list
         rows.append((f"{family} | scale {scale:g} | {variant} {schedule} | {name} | "
                      f"NFE {summary.nfe_per_image:.4g}/{full_nfe:.4g} per image | {shown} dB", images))
 
-    plans = [(scale, variant, schedule, o) for scale in args.scales for variant, schedule in cells for o in args.oracles]
+    scales = args.flow_scales if target.flow else args.scales
+    plans = [(scale, variant, schedule, o) for scale in scales for variant, schedule in cells for o in args.oracles]
     for scale, variant, schedule, oracle_name in tqdm(plans, desc=f"demo {family}", leave=False):
         show(scale, variant, schedule, *runs.run(variant, schedule, scale, oracle_name))
         if oracle_name == "recommended":
             steps, images, summary = runs.fewer_steps(variant, schedule, scale)
             show(scale, variant, schedule, f"fewer steps ({steps})", images, summary)
-    return rows, demo_figure(family, runs, cells, args)
+    return rows, demo_figure(family, runs, cells, scales[0], args)
 
 
-def demo_figure(family: str, runs: _DemoRuns, cells: list[tuple[str, str]], args: argparse.Namespace) -> Path:
-    """The family's figure at the first scale: per sampler (on its first schedule) full CFG, the default and fewer
-    steps at the default's NFE (runs that the table did not need are computed here)."""
+def demo_figure(family: str, runs: _DemoRuns, cells: list[tuple[str, str]], scale: float,
+                args: argparse.Namespace) -> Path:
+    """The family's figure at ``scale`` (the first): per sampler (on its first schedule) full CFG, the default and
+    fewer steps at the default's NFE (runs that the table did not need are computed here)."""
     from .lab.figure import SAMPLER_TITLES, Group, SamplerRow, comparison_figure, pick_images
 
-    scale, schedule = args.scales[0], cells[0][1]
+    schedule = cells[0][1]
     first = {}
     for variant, cell_schedule in cells:
         first.setdefault(variant, cell_schedule)
@@ -319,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = _command(
         sub, "demo", "the main job: every sampler x schedule x oracle on both embedded models against full CFG and "
         "fewer steps at the same NFE; about 16 minutes on 2 busy cores; writes demo_sd.png, demo_flow.png, demo.png",
-        "Samples the SD-style and the flow-matching digits model at A1111's defaults (20 steps, scale 7), every "
+        "Samples the SD-style digits model at A1111's defaults (20 steps, scale 7) and the flow-matching one at 20 "
+        "steps, scale 5, every "
         "oracle with the same seeds and noise draws as full CFG, and prints per row the NFE per image, the PSNR "
         "against full CFG and the digits classifier's accuracy; after the default's row comes full CFG on as many "
         "steps as the default computes (the honest baseline at the same NFE).",
@@ -330,7 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--families sd --samplers euler dpmpp_2m --schedules default --per-class 1 takes about a minute.")
     demo.add_argument("--out", default="out", help="output folder (default: out/)")
     demo.add_argument("--steps", type=_positive_int, default=20, help="steps (default 20, A1111's default)")
-    demo.add_argument("--scales", type=_scale, nargs="+", default=[7.0], help="guidance scales (default 7, A1111's)")
+    demo.add_argument("--scales", type=_scale, nargs="+", default=[7.0],
+                      help="guidance scales on the SD-style model (default 7, A1111's)")
+    demo.add_argument("--flow-scales", type=_scale, nargs="+", default=[5.0],
+                      help="guidance scales on the flow model (default 5: flow models run lower CFG than SD)")
     demo.add_argument("--samplers", nargs="+", choices=list(SAMPLER_VARIANTS), default=list(SAMPLER_VARIANTS),
                       help="sampler variants (ddim_eta1: DDIM with eta 1)")
     demo.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES),
