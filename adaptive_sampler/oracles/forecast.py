@@ -9,17 +9,23 @@ Stochastic samplers (Euler a, DPM++ SDE, DDIM with eta > 0) add fresh noise afte
 *eps* would replay noise the sampler has replaced: there the denoised prediction (x0) is forecast, and the sampler
 forms eps from the current latent and draws its own noise. Which x0 forecast is best varies with the image, the
 sampler, the schedule and the guidance scale (reuse wins at high scales, extrapolation on smooth trajectories), and
-every computed step tells, for free, how well each would have done: :class:`X0Ensemble` mixes three forecasts per
-image, weighted by their observed errors.
+every computed step tells, for free, how well each would have done: :class:`X0Ensemble` mixes forecasts per image,
+weighted by their observed errors.
+
+Flow-matching models (SD3, Flux, Wan; ``RunInfo.flow``) have nearly straight paths, along which a sampler step with
+a frozen x0 is exact: there x0 is forecast on every run (on deterministic runs by a mix of reuse, linear and
+quadratic extrapolation).
 
 :class:`Forecast` spends ``budget`` of full CFG's NFE: it computes (full CFG) the first ``warmup`` steps, the last
 step (on samplers that end at sigma = 0 its prediction *is* the output) and steps spread evenly in between. On
-deterministic runs "evenly" is in ``sigma ** (1 / 7)``, the variable in which Karras et al.'s schedule spaces its
-steps to spread the discretisation error: a forecast's error grows with the same step sizes, so a model's own
-schedule (uniform in timestep, with long last steps) gets more of its late steps computed and a Karras schedule gets
-an even spread. On stochastic runs the spread is even in the cumulative weight that each step's update gives its x0
-prediction, ``1 - (sigma_next / sigma) ** 2`` for an eta-1 step: a forecast x0 does the more harm the more of it
-enters the latent. See the README's method notes for the measurements.
+deterministic runs of SD-style models "evenly" is in ``sigma ** (1 / 7)``, the variable in which Karras et al.'s
+schedule spaces its steps to spread the discretisation error: a forecast's error grows with the same step sizes, so
+a model's own schedule (uniform in timestep, with long last steps) gets more of its late steps computed and a Karras
+schedule gets an even spread. On their stochastic runs the spread is even in the cumulative weight that each step's
+update gives its x0 prediction, ``1 - (sigma_next / sigma) ** 2`` for an eta-1 step: a forecast x0 does the more harm
+the more of it enters the latent. On flow models the computed steps are as dense as the schedule's steps are long in
+sigma, to the power 2/3 (step index on an even schedule; more of a shifted schedule's long late steps). See
+docs/method-notes.md for the measurements.
 
 One knob, ``level``, sets the budget for the sampler at hand (:data:`LEVELS`): stochastic samplers need more computed
 steps than deterministic ones for the same fidelity, and the DPM++ SDE samplers more again.
