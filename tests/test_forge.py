@@ -89,6 +89,8 @@ class Model:
     def __init__(self, counting, flow=False):
         self.counting = counting
         self.predictor = SimpleNamespace(prediction_type="const" if flow else "epsilon")
+        if flow:
+            self.predictor.percent_to_sigma = counting.inner.percent_to_sigma
 
     def apply_model(self, x, t, cond, transformer_options=None):
         return self.counting(x, t, cond=cond)
@@ -101,6 +103,7 @@ class Denoiser:
     def __init__(self, p, cond, uncond, drop=()):
         self.p, self.cond, self.uncond, self.drop = p, cond, uncond, set(drop)
         self.step = 0
+        self.inner_model = SimpleNamespace(predictor=p.sd_model.forge_objects.unet.model.predictor)
 
     def __call__(self, x, sigma, **_):
         unet = self.p.sd_model.forge_objects.unet
@@ -496,3 +499,40 @@ def test_a_flow_model_is_told_to_the_oracle_and_skips_as_in_our_loop(flow_denois
     assert sum(used) == p.model.rows == (summary.nfe if oracle.images else summary.nfe * BATCH)
     assert nfe(p)[1] == STEPS * (2 if run.guided else 1)
     assert mode != "forecast" or sum(used) < BATCH * nfe(p)[1]
+
+
+def offset_first_sigma_for_snr(sigmas, model_sampling, percent_offset=1e-4):
+    """Forge Neo's (``modules_forge/packages/k_diffusion/sampling.py``)."""
+    if len(sigmas) > 1 and model_sampling.prediction_type == "const" and sigmas[0] >= 1:
+        sigmas = sigmas.clone()
+        sigmas[0] = model_sampling.percent_to_sigma(percent_offset)
+    return sigmas
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, **_):
+    """Forge Neo's DPM++ 2M SDE as the host sees it on a flow model: its first model call at its module's offset
+    first sigma (``model.inner_model.predictor``, as Forge's), then one call per step (Euler steps stand in for its
+    half-log-SNR update, which the host does not see)."""
+    sigmas = offset_first_sigma_for_snr(sigmas, model.inner_model.predictor)
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **(extra_args or {}))
+        x = denoised + (x - denoised) * (sigmas[i + 1] / sigmas[i])
+    return x
+
+
+def test_a_half_log_snr_sampler_on_a_flow_model_starts_at_its_offset_first_sigma(flow_denoiser):
+    """Forge Neo's DPM++ 2M / 3M SDE and ER SDE call a flow model first at their offset first sigma (below 1): the
+    run takes that call as its first step and adapts to the end (found on a real Forge Neo with a Lumina 2 model,
+    where the schedule starts above 1)."""
+    p = make_p(flow_denoiser, function="sample_dpmpp_2m_sde", name="DPM++ 2M SDE Adaptive", flow=True)
+    p.sampler.func = sample_dpmpp_2m_sde
+    forge_pass = adapt(p)
+    schedule = schedule_of(p)
+    assert float(schedule[0]) == 1.0
+    sample(p)
+    assert forge_pass.run.active and forge_pass.run.sigmas[0] < 1.0 and forge_pass.run.sigmas[1] == schedule[1]
+    assert not any("adaptation stopped" in n for n in forge_pass.notes)
+    used, full = nfe(p)
+    assert used < full and sum(nfe(p, k)[0] for k in range(BATCH)) == p.model.rows

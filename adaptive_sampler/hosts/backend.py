@@ -23,6 +23,13 @@ log = logging.getLogger(__name__)
 #: Modes that need the unconditional prediction (the others only skip whole steps).
 GUIDANCE_MODES = ("ag", "linear-ag", "ag+adaptive-diffusion")
 
+#: The one-call samplers (ComfyUI's and Forge Neo's copies) that step in half-log-SNR: on a flow model a schedule
+#: starting at sigma 1 or above (log-SNR -inf) makes them call the model first at their own
+#: ``offset_first_sigma_for_snr(sigmas, model_sampling)``, which is then the run's first sigma.
+HALF_LOG_SNR_SAMPLERS = frozenset({"sample_dpmpp_2m_sde", "sample_dpmpp_2m_sde_gpu", "sample_dpmpp_2m_sde_heun",
+                                   "sample_dpmpp_2m_sde_heun_gpu", "sample_dpmpp_3m_sde", "sample_dpmpp_3m_sde_gpu",
+                                   "sample_er_sde"})
+
 #: k-diffusion sampler functions (the copies ComfyUI and Forge ship) that call the model exactly once per step, at
 #: ``sigmas[i]``, and how they add noise: None (deterministic), "eta" (ancestral / SDE: noise when eta > 0 and
 #: s_noise > 0), "s_noise" (noise when s_noise > 0), "always", "churn" (euler: s_churn > 0 moves the call to

@@ -45,7 +45,7 @@ import torch
 
 from .. import oracles as O
 from ..oracles import Decision
-from .backend import GUIDANCE_MODES, ONE_CALL_SAMPLERS, OracleRun, classify_function
+from .backend import GUIDANCE_MODES, HALF_LOG_SNR_SAMPLERS, ONE_CALL_SAMPLERS, OracleRun, classify_function
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +58,6 @@ MODES = O.HOST_MODES
 #: The samplers added to ComfyUI's KSampler list as ``<base>_adaptive``.
 ADAPTIVE_SAMPLERS = ("euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde")
 
-#: ComfyUI's one-call samplers that step in half-log-SNR: on a flow model a schedule starting at sigma 1 (log-SNR
-#: -inf) makes them call the model first at ``offset_first_sigma_for_snr(sigmas, model_sampling)``, which is then the
-#: run's first sigma.
-HALF_LOG_SNR_SAMPLERS = frozenset({"sample_dpmpp_2m_sde", "sample_dpmpp_2m_sde_gpu", "sample_dpmpp_2m_sde_heun",
-                                   "sample_dpmpp_2m_sde_heun_gpu", "sample_dpmpp_3m_sde", "sample_dpmpp_3m_sde_gpu",
-                                   "sample_er_sde"})
 
 
 def _defaults() -> dict[str, Any]:

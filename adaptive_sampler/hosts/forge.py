@@ -32,6 +32,7 @@ in the infotext.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import Any, Callable
 
@@ -39,7 +40,7 @@ import torch
 
 from .. import oracles as O
 from ..oracles import Decision, StepRecord, StepState
-from .backend import GUIDANCE_MODES, ONE_CALL_SAMPLERS, OracleRun, classify_function
+from .backend import GUIDANCE_MODES, HALF_LOG_SNR_SAMPLERS, ONE_CALL_SAMPLERS, OracleRun, classify_function
 from .webui_common import ADAPTIVE_SAMPLERS, AdaptiveSettings, PassNFE, conditioning_boundaries
 
 #: The title of Forge Neo's built-in step skipper, which must not run on top of ours.
@@ -355,6 +356,17 @@ def _estimate(owners: list[tuple[O.Oracle, StepState]], cond: torch.Tensor) -> t
     return torch.cat(out)
 
 
+def first_call_sigmas(func: Callable[..., Any], model: Any, schedule: torch.Tensor, timesteps: bool) -> torch.Tensor:
+    """The sigmas ``func`` calls the model at: Forge Neo's half-log-SNR samplers move a first sigma of 1 or more on a
+    flow model down with their own ``offset_first_sigma_for_snr`` (taken from the function's module, so it is the
+    very rule it applies; absent in Forge copies without half-log-SNR steps)."""
+    offset = getattr(inspect.unwrap(func), "__globals__", {}).get("offset_first_sigma_for_snr")  # under no_grad
+    predictor = getattr(getattr(model, "inner_model", None), "predictor", None)
+    if timesteps or func.__name__ not in HALF_LOG_SNR_SAMPLERS or offset is None or predictor is None:
+        return schedule
+    return offset(schedule, predictor)
+
+
 def install(p: Any, forge_pass: ForgePass) -> None:
     """Adapt the pass: a conditioning modifier on a clone of the pass's unet patcher (the clone replaces it for this
     pass only: Forge restores its own before the next), and a wrapper on the sampler function that tells the pass
@@ -374,7 +386,9 @@ def install(p: Any, forge_pass: ForgePass) -> None:
     @functools.wraps(func)  # keeps the signature Forge inspects for optional arguments
     def run(model: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         schedule = kwargs.get("sigmas", kwargs.get("timesteps", args[0] if args else None))
-        forge_pass.schedule = (torch.as_tensor(schedule).reshape(-1), "timesteps" in kwargs)
+        timesteps = "timesteps" in kwargs
+        forge_pass.schedule = (first_call_sigmas(func, model, torch.as_tensor(schedule).reshape(-1), timesteps),
+                               timesteps)
         return func(model, x, *args, **kwargs)
 
     run.adaptive = True
