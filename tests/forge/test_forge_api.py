@@ -1,12 +1,15 @@
 """Integration suite against a real Forge Neo (Haoming02/sd-webui-forge-classic, branch ``neo``), through its HTTP
-API: what tests/webui checks on A1111, plus our default against Forge Neo's built-in Spectrum Integrated.
+API: what tests/webui checks on A1111, plus our default against Forge Neo's built-in Spectrum Integrated, and a flow
+model through Forge Neo's own flow backend.
 
 Runs only when ``FORGE_DIR`` points at a Forge Neo checkout with a checkpoint in ``models/Stable-diffusion`` (the
-random-weight SD-1.5 checkpoint of the A1111 suite is enough). The server is started headless on 127.0.0.1 on the
-CPU with this repository linked as an extension, and ``tests/forge/nfe_counter`` (a test-only extension that counts
-the rows of every UNet call, so NFE is measured at the model for our samplers and for Spectrum alike);
-``FORGE_PYTHON`` (default ``$FORGE_DIR/venv/bin/python``) and ``FORGE_ARGS`` (extra flags) adjust how. Slow on a
-CPU: about 12 seconds per 8-step image.
+random-weight SD-1.5 checkpoint of the A1111 suite is enough); the flow-model cases also need
+``FORGE_FLOW_CHECKPOINT`` (a flow model's checkpoint there, e.g. a tiny random Lumina 2) and are skipped without
+it. The server is started headless on 127.0.0.1 on the CPU with this repository linked as an extension,
+``tests/forge/nfe_counter`` (a test-only extension that counts the rows of every UNet call, so NFE is measured at
+the model for our samplers and for Spectrum alike) and ``tests/webui/prompt_list`` (a test-only extension giving
+each image of a batch its own prompt); ``FORGE_PYTHON`` (default ``$FORGE_DIR/venv/bin/python``) and
+``FORGE_ARGS`` (extra flags) adjust how. Slow on a CPU: about 12 seconds per 8-step image.
 """
 
 import base64
@@ -21,9 +24,9 @@ import pytest
 
 from adaptive_sampler import oracles as O
 from adaptive_sampler.hosts.webui_common import AdaptiveSettings
-from adaptive_sampler.oracles.forecast import computed_steps
-from host_suite import (ADAPTIVE, BUILTIN, adaptive_args, call, decode, fields, free_port, img2img as host_img2img,
-                        link_to_this_repository, psnr_db, running_server)
+from host_suite import (ADAPTIVE, BATCH_PROMPTS, BUILTIN, PROMPT_LIST, adaptive_args, call, decode, fields, free_port,
+                        img2img as host_img2img, link_to_this_repository, prompt_list, psnr_db, running_server,
+                        xyz_args, xyz_axis)
 
 FORGE_DIR = os.environ.get("FORGE_DIR")
 pytestmark = pytest.mark.skipif(not FORGE_DIR, reason="FORGE_DIR is not set: no real Forge Neo to test against")
@@ -34,7 +37,16 @@ ROWS = "Test UNet rows"
 # 8 steps keeps the suite fast; passes that short are adapted only with min_steps below the default 12. Forge's
 # default clip skip is 2, and on the random checkpoint the penultimate CLIP layer gives a NaN conditional prediction
 # for this prompt (the built-in samplers turn it into a NaN image; ours refuse it, naming the step): clip skip 1.
-SETTINGS = {"adaptive_sampler_min_steps": 1, "CLIP_stop_at_last_layers": 1}
+#: A flow model's checkpoint (its file name in models/Stable-diffusion; e.g. a random Lumina 2): the flow cases run
+#: only with one. The other cases use FORGE_CHECKPOINT, else the first other checkpoint there (an SD 1.5 one).
+FLOW_CHECKPOINT = os.environ.get("FORGE_FLOW_CHECKPOINT")
+SD_CHECKPOINT = os.environ.get("FORGE_CHECKPOINT") or next(
+    (c.name for c in sorted((Path(FORGE_DIR or ".") / "models" / "Stable-diffusion").glob("*.safetensors"))
+     if c.name != FLOW_CHECKPOINT), None)
+# The negative-guidance minimum sigma is pinned to its default (off): Forge keeps an overridden value after the
+# request that set it, which would drop unconditional rows in every later case.
+SETTINGS = {"adaptive_sampler_min_steps": 1, "CLIP_stop_at_last_layers": 1, "s_min_uncond": 0.0,
+            **({"sd_model_checkpoint": SD_CHECKPOINT} if SD_CHECKPOINT else {})}
 BASE = dict(prompt="a red apple", negative_prompt="blurry", seed=1234, steps=8, width=64, height=64, cfg_scale=5,
             override_settings=SETTINGS)
 HIRES = dict(enable_hr=True, hr_scale=1.5, denoising_strength=0.5, hr_upscaler="Latent",
@@ -50,6 +62,7 @@ def server():
     link_to_this_repository(root / "extensions" / "adaptive-sampler")
     link_to_this_repository(root / "extensions" / "adaptive-sampler-test-unet-rows",
                             REPO / "tests" / "forge" / "nfe_counter")
+    link_to_this_repository(root / "extensions" / "adaptive-sampler-test-prompt-list", PROMPT_LIST)
     python = os.environ.get("FORGE_PYTHON", str(root / "venv" / "bin" / "python"))
     port = free_port()
     args = ["--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--skip-python-version-check",
@@ -247,7 +260,9 @@ def test_cfg_1_skips_steps_but_has_no_guidance_to_adapt(server):
     mode runs unchanged and says so in the infotext."""
     _, infotexts = txt2img(server, sampler_name="Euler Adaptive", cfg_scale=1)
     f = fields(infotexts[0])
-    computed = len(computed_steps(8, O.LEVELS[O.DEFAULT_LEVEL][0], O.Forecast().warmup))  # the default's plan
+    default = AdaptiveSettings(min_steps=1).build_oracle(8)  # the default's plan for an 8-step unguided Euler run
+    default.reset(O.RunInfo(sampler="euler", sigmas=(), batch_size=1, steps=8, guided=False))
+    computed = len(default.plan)
     assert nfe(f) == (computed, 8) and int(f[ROWS]) == computed < 8
     _, infotexts = txt2img(server, sampler_name="Euler Adaptive", cfg_scale=1, alwayson_scripts=adaptive_args(mode="ag"))
     f = fields(infotexts[0])
@@ -263,3 +278,115 @@ def test_negative_guidance_minimum_sigma_is_forges_own_with_adaptation_disabled(
     assert np.array_equal(ours[0], theirs[0])
     f = fields(info_ours[0])
     assert nfe(f)[0] == int(f[ROWS]) == int(fields(info_theirs[0])[ROWS]) < nfe(f)[1]
+
+
+# -- per-image decisions (issue 21) and the X/Y/Z plot axes ------------------------------------------------------
+@pytest.mark.parametrize("mode,setting", [("ag", dict(ag_threshold=0.995)),
+                                          ("adaptive-diffusion", dict(ad_threshold=0.15))], ids=["ag", "ad"])
+def test_an_image_is_the_same_alone_and_in_a_batch_of_four_with_other_prompts(server, mode, setting):
+    """AG and AdaptiveDiffusion decide per image: image k of a batch of four prompts (seed + k, as Forge seeds a
+    batch) spends the NFE it spends alone and gives its picture (up to the UNet's own batch-size rounding); the UNet
+    ran exactly the rows the images' infotexts add up to. The thresholds make the images of the batch decide
+    differently on the random checkpoint, which the case checks first."""
+    args = adaptive_args(mode=mode, **setting)
+    seed = 1000
+    images, infotexts = txt2img(server, sampler_name="Euler Adaptive", steps=12, seed=seed, batch_size=4,
+                                alwayson_scripts={**args, **prompt_list(BATCH_PROMPTS)})
+    assert [t.split("\n")[0] for t in infotexts] == BATCH_PROMPTS
+    spent = [nfe(fields(t)) for t in infotexts]
+    assert len(set(spent)) > 1, spent
+    assert int(fields(infotexts[0])[ROWS]) == sum(used for used, _ in spent)
+    for k in (1, 3):
+        alone, info = txt2img(server, prompt=BATCH_PROMPTS[k], sampler_name="Euler Adaptive", steps=12, seed=seed + k,
+                              alwayson_scripts=args)
+        quality = psnr_db(alone[0], images[k])
+        record(f"{mode}: image {k} alone vs in a batch of 4", {"nfe_alone": "%d/%d" % nfe(fields(info[0])),
+                                                                 "nfe_in_batch": "%d/%d" % spent[k],
+                                                                 "psnr_db": round(min(quality, 99.0), 2)})
+        print(f"{mode}: image {k} alone NFE {nfe(fields(info[0]))}, in the batch {spent[k]}, PSNR {quality:.1f} dB")
+        assert nfe(fields(info[0])) == spent[k] and quality > 40.0
+
+
+def test_the_xyz_plot_axes_set_the_mode_and_the_level(server):
+    """X/Y/Z plot: "[Adaptive] Mode" x "[Adaptive] Level"; each cell's infotext records its mode and level, and the
+    default mode spends more at level quality than at fast (counted at the UNet too)."""
+    args = xyz_args(xyz_axis(server, "[Adaptive] Mode"), ["forecast", "ag"], xyz_axis(server, "[Adaptive] Level"),
+                    ["quality", "fast"], forge=True)
+    body = call(server, "/sdapi/v1/txt2img", {**BASE, "steps": 12, "sampler_name": "Euler Adaptive",
+                                               "script_name": "x/y/z plot", "script_args": args})
+    cells = [fields(t) for t in json.loads(body["info"])["infotexts"][1:]]  # [0]: the grid
+    assert len(cells) == 4 and sorted(f["Adaptive mode"] for f in cells) == ["ag", "ag", "forecast", "forecast"]
+    forecast = {f["Adaptive level"]: nfe(f) for f in cells if f["Adaptive mode"] == "forecast"}
+    assert forecast["quality"][0] > forecast["fast"][0] and forecast["fast"][1] == 24
+
+
+# -- flow models (issue 21): Forge Neo's own flow backend ---------------------------------------------------------
+flow_model = pytest.mark.skipif(not FLOW_CHECKPOINT, reason="FORGE_FLOW_CHECKPOINT is not set: no flow model")
+FLOW = dict(steps=12, cfg_scale=4, override_settings={"sd_model_checkpoint": FLOW_CHECKPOINT})
+
+
+def flow_txt2img(url, **kw):
+    """A request on the flow checkpoint; Forge silently keeps the loaded model for an unknown checkpoint name, so
+    the infotext's model is checked."""
+    images, infotexts = txt2img(url, **{**FLOW, **kw})
+    assert fields(infotexts[0])["Model"] == Path(FLOW_CHECKPOINT).stem
+    return images, infotexts
+
+
+@flow_model
+@pytest.mark.parametrize("cfg", [4, 1])
+def test_a_flow_model_runs_the_default_with_cfg_and_at_cfg_1(server, cfg):
+    """The default mode on a flow model, guided (two rows per step) and at CFG 1 (one row per step: an unguided run),
+    saves NFE counted at the UNet; PSNR against the built-in sampler is reported."""
+    ours, info_ours = flow_txt2img(server, sampler_name="Euler Adaptive", cfg_scale=cfg)
+    theirs, info_theirs = flow_txt2img(server, sampler_name="Euler", cfg_scale=cfg)
+    f = fields(info_ours[0])
+    used, full = nfe(f)
+    assert full == 12 * (2 if cfg != 1 else 1) == int(fields(info_theirs[0])[ROWS])
+    assert int(f[ROWS]) == used < full and "Adaptive notes" not in f
+    quality = psnr_db(ours[0], theirs[0])
+    record(f"flow ({Path(FLOW_CHECKPOINT).stem}), Euler Adaptive, 12 steps, CFG {cfg}",
+           {"nfe": f"{used}/{full}", "psnr_db": round(quality, 2)})
+    print(f"flow, CFG {cfg}: NFE {used}/{full}, PSNR {quality:.1f} dB against Euler")
+    assert quality > 10.0
+
+
+@flow_model
+def test_a_flow_model_with_adaptation_disabled_is_pixel_identical(server):
+    ours, info_ours = flow_txt2img(server, sampler_name="Euler Adaptive",
+                                   alwayson_scripts=adaptive_args(mode="ag", ag_threshold=1.0))
+    theirs, _ = flow_txt2img(server, sampler_name="Euler")
+    assert nfe(fields(info_ours[0])) == (24, 24) and np.array_equal(ours[0], theirs[0])
+
+
+@flow_model
+@pytest.mark.parametrize("name", ["Euler a Adaptive", "DPM++ 2M SDE Adaptive", "DPM++ 2M Adaptive"])
+def test_a_flow_model_on_forges_flow_samplers(server, name):
+    """Forge's flow variants (Euler a's rectified-flow step; DPM++ 2M SDE in half-log-SNR from an offset first sigma)
+    are followed step by step: adapted to the end (no note of a stop), NFE counted at the UNet. Where Forge's own
+    sampler meets a NaN prediction and returns a black image (its Euler a on the random Lumina 2 checkpoint, from
+    the second step), ours refuses the run with an HTTP error naming the step instead."""
+    theirs, _ = flow_txt2img(server, sampler_name=BUILTIN[name])
+    if theirs[0].max() == 0:
+        status, body = call(server, "/sdapi/v1/txt2img", {**BASE, **FLOW, "sampler_name": name, "override_settings": {
+            **SETTINGS, **FLOW["override_settings"]}}, expect_error=True)
+        record(f"flow ({Path(FLOW_CHECKPOINT).stem}), {name}, 12 steps, CFG 4",
+               {"result": f"{BUILTIN[name]} gives a black (NaN) image; ours: HTTP {status}"})
+        assert status == 500 and "is NaN/inf" in body
+        return
+    ours, info_ours = flow_txt2img(server, sampler_name=name)
+    f = fields(info_ours[0])
+    used, full = nfe(f)
+    assert int(f[ROWS]) == used < full == 24 and "Adaptive notes" not in f
+    quality = psnr_db(ours[0], theirs[0])
+    record(f"flow ({Path(FLOW_CHECKPOINT).stem}), {name}, 12 steps, CFG 4",
+           {"nfe": f"{used}/{full}", "psnr_db": round(quality, 2)})
+    print(f"flow, {name}: NFE {used}/{full}, PSNR {quality:.1f} dB against {BUILTIN[name]}")
+
+
+@flow_model
+def test_a_flow_model_at_cfg_1_has_no_guidance_to_adapt(server):
+    _, infotexts = flow_txt2img(server, sampler_name="Euler Adaptive", cfg_scale=1,
+                                alwayson_scripts=adaptive_args(mode="ag"))
+    f = fields(infotexts[0])
+    assert nfe(f) == (12, 12) and "no unconditional prediction" in f["Adaptive notes"]
