@@ -33,6 +33,7 @@ SAMPLERS = ["euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde"]
 NODE_DEFAULTS = dict(mode="forecast", budget=0.0, ag_threshold=0.991, ag_space="x0", ad_threshold=0.01,
                      ad_max_skips=4, ad_warmup=4, min_steps=12)
 FRAMES = 9  # pixel frames of the Wan video: 3 latent frames
+EXPERT_STEPS = 30  # Wan 2.2's two experts: 15 steps each
 FLUX_GUIDANCE = 3.5
 MODELS = {
     "flux": dict(unet="random-flux.safetensors", clip=["random-clip-l.safetensors"], vae="random-vae16.safetensors",
@@ -273,21 +274,21 @@ def test_a_batch_of_two_videos_equals_two_single_videos(server):
 
 @pytest.mark.parametrize("sampler", ["euler_ancestral", "dpmpp_2m"])
 def test_a_model_switch_between_passes_starts_a_fresh_run(server, sampler):
-    """Wan 2.2's two experts: each KSamplerAdvanced pass is a run of its own (10 of 20 steps each, so the node's
-    min_steps is 1 here). The low-noise pass computes its first step and decides the same whether the high-noise pass
-    was adapted or not: nothing of the first model's run carries over. Mode off is pixel-identical and the adapted
-    video stays close to the full-CFG one."""
+    """Wan 2.2's two experts: each KSamplerAdvanced pass is a run of its own (15 of 30 steps each: passes of at least
+    the node's default min_steps, 12, are adapted). The low-noise pass computes its first step and decides the same
+    whether the high-noise pass was adapted or not: nothing of the first model's run carries over. Mode off is
+    pixel-identical and the adapted video stays close to the full-CFG one."""
     if not all(f.exists() for f in files("wan")):
         pytest.skip("no Wan checkpoint")
-    widgets = {**NODE_DEFAULTS, "min_steps": 1}
-    _, plain = generate(server, two_experts, sampler=sampler)
-    off_entry, off = generate(server, two_experts, sampler=sampler, widgets={**widgets, "mode": "off"})
+    widgets, steps = NODE_DEFAULTS, EXPERT_STEPS
+    _, plain = generate(server, two_experts, sampler=sampler, steps=steps)
+    off_entry, off = generate(server, two_experts, sampler=sampler, steps=steps, widgets={**widgets, "mode": "off"})
     assert np.array_equal(plain, off)
-    entry, adapted = generate(server, two_experts, sampler=sampler, widgets=widgets)
-    high_off_entry, _ = generate(server, two_experts, sampler=sampler, widgets=widgets,
+    entry, adapted = generate(server, two_experts, sampler=sampler, steps=steps, widgets=widgets)
+    high_off_entry, _ = generate(server, two_experts, sampler=sampler, steps=steps, widgets=widgets,
                                  high_widgets={**widgets, "mode": "off"})
-    _, other_seed = generate(server, two_experts, sampler=sampler, seed=2)
-    half = STEPS // 2
+    _, other_seed = generate(server, two_experts, sampler=sampler, steps=steps, seed=2)
+    half = steps // 2
     for name in ("_high", "_low"):
         text = report(entry, "report" + name)
         used, total = nfe(text)
