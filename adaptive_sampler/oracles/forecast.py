@@ -257,7 +257,10 @@ class Forecast(Oracle):
         auto_space = "x0" if run.stochastic or run.flow else "eps"
         self._space = auto_space if self.space == "auto" else self.space
         forecasts = ("reuse", "linear", "quadratic") if deterministic_flow else X0Ensemble.STOCHASTIC
-        self._ensemble = (X0Ensemble(run.steps, forecasts=forecasts)
+        schedule = list(run.sigmas[:run.steps])
+        in_sigma = run.flow and len(schedule) == run.steps and all(a > b for a, b in zip(schedule, schedule[1:]))
+        positions = schedule if in_sigma else None  # flow runs extrapolate in sigma (x0_forecast), on a strict schedule
+        self._ensemble = (X0Ensemble(run.steps, forecasts=forecasts, positions=positions)
                           if self._space == "x0" and self.order is None else None)
         self._history = deque(maxlen=(self.order if self.order is not None else 2) + 1)
         self._forecast = None
