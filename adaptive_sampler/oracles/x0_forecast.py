@@ -1,7 +1,7 @@
 """Forecasting the denoised prediction (x0) of a skipped step, per image: on stochastic samplers and on flow models.
 
-Forecasts from the last computed x0s, each a fixed linear combination of them (weights that depend only on the step
-indices, so every image is forecast from its own predictions alone):
+Forecasts from the last computed x0s, each a fixed linear combination of them (weights that depend only on where the
+steps lie, so every image is forecast from its own predictions alone):
 
 * ``reuse``: the last computed x0;
 * ``linear``: the line through the last two, in step index (or in sigma, given the run's ``positions``);
@@ -91,7 +91,9 @@ def combine(weights: torch.Tensor, values: list[torch.Tensor]) -> torch.Tensor:
 class X0Ensemble:
     """Per-image mix of x0 forecasts (``forecasts``, a subset of :data:`FORECASTS` that includes ``reuse``; by default
     reuse, linear and spectral), weighted by their a-posteriori errors (see the module docstring). ``steps`` is the
-    run's length (the spectral fit's time axis); ``decay`` the weight of the older errors in the running mean."""
+    run's length (the spectral fit's time axis); ``decay`` the weight of the older errors in the running mean;
+    ``positions`` (one per step, strictly monotone) where the linear and quadratic forecasts place each step instead
+    of its index."""
 
     FORECASTS = ("reuse", "linear", "quadratic", "spectral")
     STOCHASTIC = ("reuse", "linear", "spectral")
