@@ -154,7 +154,7 @@ class AdaptiveSamplingScript(scripts.Script):
                 min_steps = gr.Number(DEFAULTS.min_steps, label="Min steps per pass (shorter: full CFG)", precision=0)
         controls = [enable, mode, ag_threshold, ag_space, ad_threshold, max_skips, warmup, budget, min_steps, level]
         self.infotext_fields = [(enable, lambda d: W.INFOTEXT["mode"] in d)] + [
-            (c, W.INFOTEXT[n]) for c, n in zip(controls[1:], W.INFOTEXT)]
+            (c, lambda d, n=n: W.infotext_value(d, n)) for c, n in zip(controls[1:], W.INFOTEXT)]
         self.paste_field_names = [W.INFOTEXT[n] for n in W.INFOTEXT]
         return controls
 

@@ -25,6 +25,42 @@ def test_settings_round_trip_through_infotext():
     assert W.AdaptiveSettings.from_infotext({"Steps": "20"}) is None
 
 
+def paste(params, ui):
+    """The settings the accordion holds after pasting an infotext's fields over ``ui`` (A1111's and Forge's paste:
+    each control takes the value its infotext field gives, cast to the control's type, or stays as it was)."""
+    values = vars(ui).copy()
+    for name in W.INFOTEXT:
+        value = W.infotext_value(params, name)
+        if value is not None:
+            values[name] = type(values[name])(float(value) if isinstance(values[name], int) else value)
+    return W.AdaptiveSettings.from_mapping(values)
+
+
+def test_the_infotext_records_a_budget_only_when_one_was_set():
+    """The default run's infotext has no ``Adaptive budget`` (the level decides what is spent; ``Adaptive NFE`` says
+    what was); a budget the user set is written, and each pastes back to the settings that made the image, whatever
+    the accordion held before."""
+    default, expert = W.AdaptiveSettings(), W.AdaptiveSettings(budget=0.3, level="fast")
+    assert W.INFOTEXT["budget"] not in default.infotext() and default.infotext()[W.INFOTEXT["level"]] == "balanced"
+    assert expert.infotext()[W.INFOTEXT["budget"]] == 0.3
+    for settings in (default, expert):
+        fields = {k: str(v) for k, v in settings.infotext().items()}  # as A1111 parses them from the text
+        for before in (default, expert, W.AdaptiveSettings(mode="ag", budget=0.7)):
+            assert paste(fields, before) == settings
+            assert W.AdaptiveSettings.from_infotext(fields, base=before) == settings
+
+
+def test_older_infotexts_with_budget_zero_paste_back_to_the_level_deciding():
+    """Images made before the budget was left out say ``Adaptive budget: 0.0``: 0 is "the level decides"."""
+    older = {W.INFOTEXT["mode"]: "forecast", W.INFOTEXT["level"]: "quality", W.INFOTEXT["budget"]: "0.0",
+             W.INFOTEXT["min_steps"]: "12"}
+    settings = W.AdaptiveSettings(level="quality", min_steps=12)
+    assert W.AdaptiveSettings.from_infotext(older) == settings == paste(older, W.AdaptiveSettings(budget=0.5))
+    assert settings.build_oracle(20).budget is None
+    assert W.infotext_value({W.INFOTEXT["mode"]: "ag"}, "budget") is None  # other modes leave the control alone
+    assert W.infotext_value({"Steps": "20"}, "budget") is None  # not our infotext
+
+
 @pytest.mark.parametrize("values,message", [
     (dict(mode="turbo"), "mode must be one of"),
     (dict(ag_threshold=float("nan")), "threshold must be a finite number"),

@@ -30,7 +30,7 @@ from .. import oracles as O
 from ..flow import is_flow_model
 from ..oracles import Decision, RunInfo, StepRecord, StepState
 from .webui_common import (ADAPTIVE_SAMPLERS, DEFAULT_MIN_STEPS, INFOTEXT, MODE_FIELDS, MODES, NFE_FIELD,  # noqa: F401
-                           NOTES_FIELD, AdaptiveSettings, conditioning_boundaries, is_forge, report)
+                           NOTES_FIELD, AdaptiveSettings, conditioning_boundaries, infotext_value, is_forge, report)
 
 #: Built-in samplers the accordion can adapt: one denoiser call per step. Others are left untouched.
 SUPPORTED_BUILTINS = {"Euler", "Euler a", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ 3M SDE", "LMS", "DDIM"}

@@ -120,8 +120,11 @@ class AdaptiveSettings:
         return f"{steps}-step pass below min steps ({self.min_steps}): full CFG"
 
     def infotext(self) -> dict[str, Any]:
+        """The infotext fields of these settings: the mode and the parameters it uses, with ``Adaptive budget`` only
+        when a budget was set (0 means the level decides, and ``Adaptive NFE`` says what was spent)."""
         out = {INFOTEXT["mode"]: self.mode}
-        out.update({INFOTEXT[name]: getattr(self, name) for name in MODE_FIELDS[self.mode]})
+        out.update({INFOTEXT[name]: getattr(self, name) for name in MODE_FIELDS[self.mode]
+                    if not (name == "budget" and self.budget == 0.0)})
         return out
 
     @classmethod
@@ -130,9 +133,10 @@ class AdaptiveSettings:
         if INFOTEXT["mode"] not in params:
             return None
         values = asdict(base or cls())
-        for name, key in INFOTEXT.items():
-            if key in params:
-                values[name] = _cast(name, params[key])
+        for name in INFOTEXT:
+            value = infotext_value(params, name)
+            if value is not None:
+                values[name] = _cast(name, value)
         return cls(**values)
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> "AdaptiveSettings":
@@ -146,6 +150,19 @@ class AdaptiveSettings:
         if unknown:
             raise ValueError(f"unknown adaptive setting(s) {sorted(unknown)}; known: {sorted(known)}")
         return cls(**{k: _cast(k, v) for k, v in values.items()})
+
+
+def infotext_value(params: Mapping[str, Any], name: str) -> Any:
+    """The value of setting ``name`` that an infotext's fields (``params``) record, or None when they record none.
+    A Forecast infotext without ``Adaptive budget`` records budget 0: the level decided (older images wrote
+    ``Adaptive budget: 0.0``, which reads the same). Pasting an image into the UI and :meth:`AdaptiveSettings.
+    from_infotext` both read settings through this, so a budget left in the UI never outlives a paste."""
+    key = INFOTEXT[name]
+    if key in params:
+        return params[key]
+    if name == "budget" and params.get(INFOTEXT["mode"]) == "forecast":
+        return 0.0
+    return None
 
 
 def _cast(name: str, value: Any) -> Any:
