@@ -7,6 +7,11 @@ k-diffusion loop -> ``X0Model`` -> ``CFGGuider.__call__`` -> PREDICT_NOISE wrapp
 ``sampling_function`` (CALC_COND_BATCH wrappers around ``calc_cond_batch``; cfg 1 skips the uncond unless
 ``disable_cfg1_optimization``) -> ``cfg_function`` (``sampler_cfg_function``, post-CFG functions).
 
+The guider holds its conditioning as ComfyUI does once a run has started: per prompt a list of entries whose
+``model_conds`` are ``COND*`` objects (here one ``CONDRegular`` of class labels), which ``calc_cond_batch`` brings to
+the batch size of the rows it evaluates with ComfyUI's ``repeat_to_batch_size`` (one row for every image repeated,
+more rows than the batch cut to the first ones).
+
 The model's ``model_sampling`` (``comfy/model_sampling.py``) scales the noise at the start of a run and the latent
 at its end; a ``CONST`` one makes ComfyUI sample the model as a flow model, and the two samplers whose formulas then
 change are ComfyUI's (``comfy/k_diffusion/sampling.py``): Euler a takes the rectified-flow ancestral step, DPM++ 2M
@@ -122,6 +127,32 @@ class ModelPatcher:
         self.wrappers.get(kind, {}).pop(key, None)
 
 
+# -- comfy.utils, comfy.conds ---------------------------------------------------------------------------------------
+def repeat_to_batch_size(tensor, batch_size):
+    if tensor.shape[0] > batch_size:
+        return tensor[:batch_size]
+    if tensor.shape[0] < batch_size:
+        return tensor.repeat([math.ceil(batch_size / tensor.shape[0])] + [1] * (tensor.ndim - 1))[:batch_size]
+    return tensor
+
+
+class CONDRegular:
+    def __init__(self, cond):
+        self.cond = cond
+
+    def _copy_with(self, cond):
+        return self.__class__(cond)
+
+    def process_cond(self, batch_size, **kwargs):
+        return self._copy_with(repeat_to_batch_size(self.cond, batch_size))
+
+
+def conditioning(labels):
+    """A prompt's conditioning as the guider holds it during a run: one entry carrying the labels (one per image of
+    the batch, or one for every image)."""
+    return [{"model_conds": {"y": CONDRegular(labels)}}]
+
+
 # -- comfy.samplers ------------------------------------------------------------------------------------------------
 def _calc_cond_batch(model, conds, x, timestep, model_options):
     """All non-None conds in one batched call (labels for the embedded model); absent conds give zeros."""
@@ -129,7 +160,8 @@ def _calc_cond_batch(model, conds, x, timestep, model_options):
     out = [torch.zeros_like(x) for _ in conds]
     if present:
         n = len(present)
-        pred = model(torch.cat([x] * n), torch.cat([timestep] * n), cond=torch.cat([conds[i] for i in present]))
+        labels = [conds[i][0]["model_conds"]["y"].process_cond(batch_size=x.shape[0]).cond for i in present]
+        pred = model(torch.cat([x] * n), torch.cat([timestep] * n), cond=torch.cat(labels))
         for i, chunk in zip(present, pred.chunk(n)):
             out[i] = chunk
     return out
@@ -191,7 +223,7 @@ class CFGGuider:
         self.model_patcher = model_patcher
         self.model_options = model_patcher.model_options
         self.cfg = cfg
-        self.conds = {"positive": positive, "negative": negative}
+        self.conds = {"positive": conditioning(positive), "negative": conditioning(negative)}
         self.inner_model = model_patcher.model
 
     def __call__(self, x, timestep, model_options={}, seed=None):

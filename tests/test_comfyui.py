@@ -151,6 +151,109 @@ def test_a_batch_of_two_equals_two_single_runs(model):
         assert last_report(patcher).schedule == schedule
 
 
+PER_IMAGE_MODES = ["ag", "linear-ag", "adaptive-diffusion", "ag+adaptive-diffusion"]
+#: Four images of other prompts and seeds, and thresholds at which they switch and skip at different steps.
+LABELS, SEEDS = [3, 8, 1, 6], [10, 11, 12, 13]
+PER_IMAGE = dict(ag_threshold=0.97, ad_threshold=0.05)
+
+
+def seeded_noise(seeds):
+    """Each image's initial noise from its own seed, so that an image can be sampled alone and in a batch."""
+    return torch.cat([torch.randn((1, *embedded.IMAGE_SHAPE), generator=torch.Generator().manual_seed(s))
+                      for s in seeds])
+
+
+@pytest.mark.parametrize("mode", PER_IMAGE_MODES)
+def test_an_image_gets_the_same_picture_and_decisions_alone_and_in_a_batch(denoiser, mode):
+    """AG and AdaptiveDiffusion decide per image in ComfyUI as in the library, A1111 and Forge: image k of a batch of
+    four prompts gets the decisions, the NFE and the picture it gets alone, and the model evaluates exactly the rows
+    the images' decisions need (steps where the images disagree evaluate each decision group apart)."""
+    settings = adapting(mode=mode, **PER_IMAGE)
+    counting = CountingModel(denoiser)
+    batch, patched = run(counting, "euler", settings, steps=20, labels=torch.tensor(LABELS), noise=seeded_noise(SEEDS))
+    report = last_report(patched)
+    assert not report.alike and "decided per image" in report.line()  # some step mixed decisions
+    assert counting.rows == sum(report.image_nfe) and len(set(report.image_nfe)) > 1
+    for k in range(4):
+        picture, alone = run(CountingModel(denoiser), "euler", settings, steps=20, labels=torch.tensor(LABELS[k:k + 1]),
+                             noise=seeded_noise(SEEDS[k:k + 1]))
+        single = last_report(alone)
+        assert (report.schedules[k], report.image_nfe[k]) == (single.schedule, single.nfe), k
+        torch.testing.assert_close(batch[k:k + 1], picture, rtol=0, atol=1e-4)  # batched convolutions: ~1e-5
+
+
+def test_a_mixed_step_runs_comfyuis_hooks_once_per_image(model):
+    """A step whose images decided differently evaluates each decision group through ComfyUI's own path: a post-CFG
+    hook sees every image once per step, at the scale its decision gives (COND: 1)."""
+    seen = []
+
+    def their_post(args):
+        seen.append((args["denoised"].shape[0], args["cond_scale"]))
+        return args["denoised"]
+
+    patcher = H.apply_patch(C.ModelPatcher(model), adapting(mode="ag", ag_threshold=PER_IMAGE["ag_threshold"]))
+    patcher.model_options["sampler_post_cfg_function"] = [their_post]
+    run(model, "euler", patcher=patcher, steps=20, labels=torch.tensor(LABELS), noise=seeded_noise(SEEDS))
+    schedules = last_report(patcher).schedules
+    assert sum(rows for rows, _ in seen) == 4 * 20
+    for i in range(20):
+        step = [d[i] for d in schedules]
+        calls = [seen.pop(0) for _ in set(step)]  # one call per decision group
+        assert sorted(calls) == sorted((step.count(d), 1.0 if d == "C" else SCALE) for d in set(step)), i
+    assert any(len(set(d[i] for d in schedules)) > 1 for i in range(20))  # some step mixed decisions
+
+
+class NaNWithoutUncond(torch.nn.Module):
+    """The embedded denoiser, except that a call with no unconditional row (a conditional-only step) gives NaN for
+    the rows of one label."""
+
+    def __init__(self, inner, label):
+        super().__init__()
+        self.inner, self.label = inner, label
+
+    def forward(self, x, sigma, cond):
+        out = self.inner(x, sigma, cond=cond)
+        if not (cond == embedded.NULL_LABEL).any():
+            out[cond == self.label] = math.nan
+        return out
+
+    def get_sigmas(self, n):
+        return self.inner.get_sigmas(n)
+
+
+def test_a_non_finite_prediction_is_computed_again_for_its_image_only(denoiser):
+    """An image whose conditional-only prediction is NaN is computed again with full CFG, its discarded row counted
+    and noted; the other images of the batch keep the decisions and pictures they get alone."""
+    broken = NaNWithoutUncond(denoiser, LABELS[1])
+    settings = adapting(mode="ag", ag_threshold=PER_IMAGE["ag_threshold"])
+    out, patched = run(CountingModel(broken), "euler", settings, steps=20, labels=torch.tensor(LABELS),
+                       noise=seeded_noise(SEEDS))
+    report = last_report(patched)
+    assert torch.isfinite(out).all() and "stopped" not in report.note
+    assert report.schedules[1] == "F" * 20 and report.image_nfe[1] > 2 * 20  # every COND attempt wasted a row
+    assert "image 1: COND -> FULL: non-finite prediction" in report.note
+    for k in (0, 2, 3):
+        picture, alone = run(CountingModel(broken), "euler", settings, steps=20,
+                             labels=torch.tensor(LABELS[k:k + 1]), noise=seeded_noise(SEEDS[k:k + 1]))
+        assert report.schedules[k] == last_report(alone).schedule and "C" in report.schedules[k], k
+        torch.testing.assert_close(out[k:k + 1], picture, rtol=0, atol=1e-4)
+
+
+def test_with_a_controlnet_the_batch_decides_as_one_and_says_so(model):
+    """A ControlNet computes its hint for the whole batch: its rows cannot be evaluated apart, so AG decides per
+    batch there and the report says so (not silently)."""
+
+    class ControlledGuider(C.CFGGuider):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.conds = {k: [{**c, "control": object()} for c in v] for k, v in self.conds.items()}
+
+    _, patched = run(model, "euler", adapting(mode="ag", **PER_IMAGE), steps=20, labels=torch.tensor(LABELS),
+                     noise=seeded_noise(SEEDS), guider_cls=ControlledGuider)
+    report = last_report(patched)
+    assert report.alike and "ag decided per batch: a ControlNet is active" in report.note
+
+
 def test_runs_share_no_state(model):
     settings = adapting(mode="ag+adaptive-diffusion", ag_threshold=0.5, ad_threshold=0.2)
     patcher = H.apply_patch(C.ModelPatcher(model), settings)

@@ -5,14 +5,19 @@ rows, a CFG function, pre/post-CFG hooks), once per step for the samplers adapte
 hook that step (ComfyUI: model wrappers around ``predict_noise``; Forge: a conditioning modifier and per-step model
 options), not in what a run is: :class:`OracleRun` checks that each model call is the next step of the run, asks the
 oracle, counts network rows per image and records what each step produced. The hosts' glue only evaluates a
-decision. Not a host module: it imports no host and no host's code.
+decision.
+
+Oracles that decide per image (AG, AdaptiveDiffusion) get one copy per image (:meth:`OracleRun.split_images`), as
+in the library's loops; a step whose images decided differently is evaluated by decision groups (:func:`groups`),
+each group's rows with their own rows of the conditioning (:func:`conditioning_rows`), as those images alone would
+be. Not a host module: it imports no host and no host's code.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -78,7 +83,8 @@ class OracleRun:
     (Forge's timestep DDIM) ``steps`` gives the length and calls are taken in order. ``rows_full`` is what an
     unadapted step costs per image: 2 with an unconditional pass, 1 without (CFG 1, distilled-CFG models); the
     oracle is told the run is unguided then (``RunInfo.guided``). ``flow`` says the model is a flow-matching model
-    (``RunInfo.flow``: the oracle plans such runs differently).
+    (``RunInfo.flow``: the oracle plans such runs differently). NFE and decisions are kept per image (``nfe``,
+    ``schedules``): after :meth:`split_images` the images of a batch spend differently.
     """
 
     def __init__(self, oracle: Oracle | None, sampler: str, sigmas: Sequence[float] | torch.Tensor | None,
@@ -103,8 +109,10 @@ class OracleRun:
         self.flow = flow
         self.stopped: str | None = None
         self.next_index = 0
-        self.nfe = 0
-        self.schedule: list[str] = []
+        self.per_image = False
+        #: Network rows each image of the batch cost so far, and its decision per step (letters).
+        self.nfe = [0] * batch
+        self.schedules: list[list[str]] = [[] for _ in range(batch)]
         if self.oracle is not None:
             self.oracle.reset(RunInfo(sampler=sampler, sigmas=tuple(self.sigmas or ()), batch_size=batch,
                                       steps=self.steps, stochastic=stochastic, flow=flow,
@@ -140,38 +148,129 @@ class OracleRun:
         self.next_index += 1
         return i
 
+    def split_images(self, blocked: str | None = None) -> str | None:
+        """Decide per image when the oracle does (AG, AdaptiveDiffusion) and the batch has several images: one copy of
+        the oracle per image, so that an image's decisions, and the image, do not depend on its batch. ``blocked``
+        says why the host cannot evaluate the images apart; the run then decides per batch, and the note saying so
+        is returned."""
+        if not (self.active and self.oracle.decides_per_image and self.batch > 1):
+            return None
+        if blocked is not None:
+            return f"decided per batch: {blocked}"
+        self.oracle.split_images()
+        self.per_image = True
+        return None
+
     def unchanged(self) -> None:
         """Count a model call that ran unchanged (full CFG)."""
-        self.nfe += self.rows_full
-        if self.oracle is not None:
-            self.schedule.append(Decision.FULL.value)
+        self.count([Decision.FULL] * self.batch, schedule=self.oracle is not None)
 
-    def begin(self, index: int, sigma: float, x: torch.Tensor, conditioning_changed: bool = False
-              ) -> tuple[StepState, Decision]:
+    def decide(self, index: int, sigma: float, x: torch.Tensor, conditioning_changed: bool = False
+               ) -> tuple[list[tuple[Oracle, StepState]], list[Decision]]:
+        """The step's owners - (oracle, state) pairs covering the batch's rows in order: one per image when the run
+        decides per image, one for the batch otherwise - and each image's decision."""
+        if self.per_image:
+            states = [StepState(index=index, total=self.steps, sigma=sigma, x=x[r:r + 1],
+                                conditioning_changed=conditioning_changed) for r in range(x.shape[0])]
+            return list(zip(self.oracle.images, states)), self.oracle.decide_images(states)
         state = StepState(index=index, total=self.steps, sigma=sigma, x=x, conditioning_changed=conditioning_changed)
-        return state, self.oracle.decide(state)
+        return [(self.oracle, state)], [self.oracle.decide(state)] * x.shape[0]
 
     def rows(self, decision: Decision) -> int:
         """Network rows per image a step with this decision cost."""
         return self.rows_full if decision is Decision.FULL else decision.nfe
 
-    def count(self, decision: Decision, wasted: int = 0) -> None:
-        """Count a step that is not recorded (the run stops after it)."""
-        self.nfe += wasted + self.rows(decision)
-        self.schedule.append(decision.value)
+    def count(self, decisions: Sequence[Decision], wasted: Sequence[int] | None = None, schedule: bool = True) -> None:
+        """Count a step's rows per image (``wasted``: rows each image evaluated and discarded); a step that is not
+        recorded (the run stops after it) is only counted."""
+        for k, decision in enumerate(decisions):
+            self.nfe[k] += self.rows(decision) + (wasted[k] if wasted else 0)
+            if schedule:
+                self.schedules[k].append(decision.value)
 
-    def finish(self, state: StepState, decision: Decision, denoised: torch.Tensor, cond: torch.Tensor | None,
-               uncond: torch.Tensor | None, wasted: int = 0, fallback_from: Decision | None = None) -> None:
-        """Count and record what the step produced (``denoised``: the guided x0 the sampler got)."""
-        self.count(decision, wasted)
-        eps = (state.x - denoised) / state.sigma
-        self.oracle.record(StepRecord(index=state.index, decision=decision, sigma=state.sigma, x=state.x,
-                                      denoised=denoised, eps=eps, cond=cond, uncond=uncond),
-                           wasted_nfe=wasted, fallback_from=fallback_from)
+    def record(self, owners: list[tuple[Oracle, StepState]], decisions: list[Decision], denoised: torch.Tensor,
+               conds: list[torch.Tensor | None], unconds: list[torch.Tensor | None], wasted: list[int] | None = None,
+               fallback_from: list[Decision | None] | None = None) -> None:
+        """Count and record what the step produced: ``denoised`` is the guided x0 batch the sampler got, ``conds`` /
+        ``unconds`` each image's conditional / unconditional x0 (None where not evaluated), ``wasted`` and
+        ``fallback_from`` each image's discarded rows and the decision they were evaluated for."""
+        batch = denoised.shape[0]
+        wasted = [0] * batch if wasted is None else wasted
+        fallback_from = [None] * batch if fallback_from is None else fallback_from
+        self.count(decisions, wasted)
+        index, sigma = owners[0][1].index, owners[0][1].sigma
+        if self.per_image:
+            x = torch.cat([state.x for _, state in owners])
+            self.oracle.record_images(
+                [StepRecord(index=index, decision=decisions[r], sigma=sigma, x=x[r:r + 1], denoised=denoised[r:r + 1],
+                            eps=(x[r:r + 1] - denoised[r:r + 1]) / sigma, cond=conds[r], uncond=unconds[r])
+                 for r in range(batch)], wasted, fallback_from)
+            return
+        x = owners[0][1].x
+        both = [None if any(v is None for v in t) else torch.cat(t) for t in (conds, unconds)]
+        self.oracle.record(StepRecord(index=index, decision=decisions[0], sigma=sigma, x=x, denoised=denoised,
+                                      eps=(x - denoised) / sigma, cond=both[0], uncond=both[1]),
+                           wasted_nfe=wasted[0], fallback_from=fallback_from[0])
 
     def notes(self) -> list[str]:
-        """What did not go as configured: a stop, and the oracle's overrides (step: reason)."""
+        """What did not go as configured: a stop, and the oracle's overrides (step: reason; ``image k: reason`` for an
+        image's own when the run decides per image)."""
         notes = [self.stopped] if self.stopped else []
         if self.oracle is not None:
-            notes.extend(f"step {i}: {why}" for i, why in self.oracle.overrides)
+            notes.extend(f"step {i}: {why}" for i, why in self.oracle.summary().overrides)
         return notes
+
+
+def groups(decisions: Sequence[Decision]) -> list[tuple[Decision, list[int]]]:
+    """The decisions of a step's images and the rows (images) that took each, in order of first appearance."""
+    return [(d, [r for r, e in enumerate(decisions) if e is d]) for d in dict.fromkeys(decisions)]
+
+
+def cached(owners: list[tuple[Oracle, StepState]]) -> torch.Tensor:
+    """The CACHED prediction (float32) of the rows the owners cover (one oracle for the batch, or one per image)."""
+    return torch.cat([oracle.cached_denoised(state) for oracle, state in owners])
+
+
+def estimate(owners: list[tuple[Oracle, StepState]], cond: torch.Tensor) -> torch.Tensor:
+    """The LINEAR estimate of the unconditional prediction of the rows the owners cover, from their ``cond`` rows."""
+    out, start = [], 0
+    for oracle, state in owners:
+        rows = state.x.shape[0]
+        out.append(oracle.estimate_uncond(state, cond[start:start + rows]))
+        start += rows
+    return torch.cat(out)
+
+
+#: Why a batch with a ControlNet decides as one: its hint is computed for the whole batch, so its rows cannot be
+#: evaluated apart.
+CONTROLNET = "a ControlNet is active (its hint is computed for the whole batch)"
+
+
+def per_image_blocker(*conds: list[dict] | None) -> str | None:
+    """Why the images of a batch conditioned by ``conds`` (lists of cond entries, ComfyUI's and Forge's form) cannot
+    be evaluated apart, or None when they can."""
+    return CONTROLNET if any("control" in c for entries in conds for c in entries or []) else None
+
+
+def conditioning_rows(entries: list[dict] | None, at: torch.Tensor, batch: int) -> list[dict] | None:
+    """The rows ``at`` of compiled conditioning (ComfyUI's and Forge's: a list of entries whose tensors and ``COND*``
+    objects hold one row per image, or one row for every image); what holds no row per image (constants, weights,
+    conditioning shared by the batch, which the host repeats to any batch size) is kept."""
+    if entries is None:
+        return None
+
+    def rows(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value[at] if value.ndim and value.shape[0] == batch else value
+        inner = getattr(value, "cond", None)
+        if isinstance(inner, torch.Tensor) and inner.ndim and inner.shape[0] == batch and hasattr(value, "_copy_with"):
+            return value._copy_with(inner[at])
+        return value
+
+    out = []
+    for entry in entries:
+        entry = {k: rows(v) for k, v in entry.items()}
+        if isinstance(entry.get("model_conds"), dict):
+            entry["model_conds"] = {k: rows(v) for k, v in entry["model_conds"].items()}
+        out.append(entry)
+    return out

@@ -24,6 +24,12 @@ line. A call whose sigma is not the next step's stops the adaptation for the res
 never a wrong step count. That bookkeeping (which call is which step, NFE, the oracle's records) is
 :class:`~adaptive_sampler.hosts.backend.OracleRun`, shared with the Forge host, whose backend derives from ComfyUI's.
 
+Oracles that decide per image (AG, AdaptiveDiffusion) get one copy per image, as in the library's loops and on
+A1111 and Forge (the mechanism is Forge's, in :mod:`~adaptive_sampler.hosts.backend`): a step whose images decided
+differently evaluates each decision group through ComfyUI's own path with the group's rows of the latent and of the
+conditioning, so an image gets the same decisions and picture alone or in a batch. A batch with a ControlNet
+decides as one (its hint is computed for the whole batch), and its report says so.
+
 Each run tells its oracle what ComfyUI's samplers see: a flow model (its ``model_sampling`` is a ``CONST``: SD3, Flux,
 Wan, or any model behind a ModelSampling* node) with the sigmas the sampler really calls (its half-log-SNR samplers
 offset a first sigma of 1), and whether the run is guided (cfg 1 evaluates one row per step). A latent's first
@@ -45,7 +51,8 @@ import torch
 
 from .. import oracles as O
 from ..oracles import Decision
-from .backend import GUIDANCE_MODES, HALF_LOG_SNR_SAMPLERS, ONE_CALL_SAMPLERS, OracleRun, classify_function
+from .backend import (GUIDANCE_MODES, HALF_LOG_SNR_SAMPLERS, ONE_CALL_SAMPLERS, OracleRun, cached, classify_function,
+                      conditioning_rows, estimate, groups, per_image_blocker)
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +163,8 @@ def latent_fingerprint(samples: torch.Tensor) -> tuple:
 
 @dataclass(frozen=True)
 class RunReport:
-    """What one sampling run did. NFE is per image: network rows per sample (FULL 2, COND/LINEAR 1, CACHED 0)."""
+    """What one sampling run did, per image of the batch (``image_nfe``, ``schedules``): images spend differently
+    when the oracle decides per image. NFE is network rows per sample (FULL 2, COND/LINEAR 1, CACHED 0)."""
 
     sampler: str
     mode: str
@@ -164,23 +172,45 @@ class RunReport:
     batch: int
     stochastic: bool
     flow: bool
-    nfe: int
+    image_nfe: tuple[int, ...]
     nfe_full: int
-    schedule: str
+    schedules: tuple[str, ...]
     note: str
     fingerprint: tuple = ()
 
     @property
+    def nfe(self) -> float:
+        """NFE per image (the mean over the batch's images)."""
+        return sum(self.image_nfe) / len(self.image_nfe)
+
+    @property
+    def alike(self) -> bool:
+        """Whether every image of the batch took the same decisions."""
+        return len(set(self.schedules)) <= 1 and len(set(self.image_nfe)) <= 1
+
+    @property
+    def schedule(self) -> str:
+        """The decisions per step (F/C/L/S): one string when the images took the same, else one per image."""
+        return self.schedules[0] if self.alike else " ".join(self.schedules)
+
+    @property
     def counts(self) -> dict[str, int]:
-        return {d.name: self.schedule.count(d.value) for d in Decision if d.value in self.schedule}
+        """Steps per decision kind (over the images, when they differ)."""
+        letters = "".join(self.schedules[:1] if self.alike else self.schedules)
+        return {d.name: letters.count(d.value) for d in Decision if d.value in letters}
 
     def line(self) -> str:
-        ratio = f" ({self.nfe / self.nfe_full:.0%})" if self.nfe_full else ""
+        share = f"{self.nfe / self.nfe_full:.0%}" if self.nfe_full else ""
         counts = ", ".join(f"{k} {v}" for k, v in self.counts.items())
+        if self.alike:
+            spent = f"NFE {self.image_nfe[0]}/{self.nfe_full} per image" + (f" ({share})" if share else "")
+            decided = f"; {counts}; decisions {self.schedule}" if self.schedule else ""
+        else:
+            spent = f"NFE per image {', '.join(map(str, self.image_nfe))} of {self.nfe_full} (mean {share})"
+            decided = f"; decided per image, {counts} over the images; decisions {', '.join(self.schedules)}"
         text = (f"Adaptive Sampling [{self.mode}] {self.sampler}: {self.steps} steps, batch {self.batch}, "
                 f"{'stochastic' if self.stochastic else 'deterministic'}{', flow model' if self.flow else ''}, "
-                f"NFE {self.nfe}/{self.nfe_full} per image"
-                f"{ratio}" + (f"; {counts}; decisions {self.schedule}" if self.schedule else ""))
+                f"{spent}{decided}")
         return text + (f"; {self.note}" if self.note else "")
 
 
@@ -212,6 +242,8 @@ class AdaptiveRun(OracleRun):
                          rows_full=1 if cfg1 else 2, flow=flow)
         self.settings = settings
         self.reason = reason
+        #: Why a per-image oracle decides for the whole batch (:meth:`split_images`), for the report.
+        self.batch_note: str | None = None
         self.capturing = False
         self.captured: list[torch.Tensor] | None = None
 
@@ -226,30 +258,75 @@ class AdaptiveRun(OracleRun):
 
     def _step(self, i: int, s: float, executor: Any, x: torch.Tensor, timestep: torch.Tensor, model_options: dict,
               seed: Any) -> torch.Tensor:
-        state, decision = self.begin(i, s, x)
-        wasted, fallback_from = 0, None
-        if decision is Decision.CACHED:
-            denoised, cond, uncond = self.oracle.cached_denoised(state).to(x.dtype), None, None
-        elif decision is Decision.COND:
-            denoised, cond, uncond = self._cond(executor, x, timestep, model_options, seed)
-        elif decision is Decision.LINEAR:
-            denoised, cond, uncond = self._linear(state, executor, x, timestep, model_options)
-        else:
-            denoised, cond, uncond = self._full(executor, x, timestep, model_options, seed)
-        if not torch.isfinite(denoised).all():
-            if decision is Decision.FULL:  # ComfyUI's own result: pass it on, but never cache or regress on it
-                self.count(decision)
-                self.stop(f"ComfyUI's full-CFG prediction at step {i} is NaN/inf")
-                return denoised
-            wasted, fallback_from, decision = self.rows(decision), decision, Decision.FULL
-            denoised, cond, uncond = self._full(executor, x, timestep, model_options, seed)
-        if decision is Decision.FULL and self.settings.mode in GUIDANCE_MODES and uncond is None:
-            self.count(decision, wasted)
+        """One adapted step: each decision group's rows evaluated as those images alone would be (the whole batch in
+        one call where its images agree); images whose skipping decision gave a non-finite prediction are computed
+        again with full CFG."""
+        owners, decisions = self.decide(i, s, x)
+        batch = x.shape[0]
+        denoised: list[torch.Tensor | None] = [None] * batch
+        conds: list[torch.Tensor | None] = [None] * batch
+        unconds: list[torch.Tensor | None] = [None] * batch
+        wasted, fallback_from = [0] * batch, [None] * batch
+
+        def evaluate(decision: Decision, rows: list[int]) -> None:
+            out, cond, uncond = self._group(decision, rows, owners, executor, x, timestep, model_options, seed)
+            for k, r in enumerate(rows):
+                denoised[r] = out[k:k + 1]
+                conds[r] = None if cond is None else cond[k:k + 1]
+                unconds[r] = None if uncond is None else uncond[k:k + 1]
+
+        for decision, rows in groups(decisions):
+            evaluate(decision, rows)
+        bad = [r for r in range(batch) if not torch.isfinite(denoised[r]).all()]
+        if bad and not self.per_image:
+            bad = list(range(batch))  # one oracle decides for the batch: the batch falls back together
+        retry = [r for r in bad if decisions[r] is not Decision.FULL]
+        for r in retry:
+            wasted[r], fallback_from[r], decisions[r] = self.rows(decisions[r]), decisions[r], Decision.FULL
+        if retry:
+            evaluate(Decision.FULL, retry)
+        result = torch.cat(denoised)
+        if not torch.isfinite(result).all():  # ComfyUI's own result: pass it on, but never cache or regress on it
+            self.count(decisions, wasted)
+            self.stop(f"ComfyUI's full-CFG prediction at step {i} is NaN/inf")
+            return result
+        if self.settings.mode in GUIDANCE_MODES and any(d is Decision.FULL and u is None
+                                                        for d, u in zip(decisions, unconds)):
+            self.count(decisions, wasted)
             self.stop("ComfyUI's conditional and unconditional predictions could not be observed "
                       "(a custom sampler_calc_cond_batch_function?), which the guidance test needs")
-            return denoised
-        self.finish(state, decision, denoised, cond, uncond, wasted, fallback_from)
-        return denoised
+            return result
+        self.record(owners, decisions, result, conds, unconds, wasted, fallback_from)
+        return result
+
+    def _group(self, decision: Decision, rows: list[int], owners: list, executor: Any, x: torch.Tensor,
+               timestep: torch.Tensor, model_options: dict, seed: Any
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(denoised, cond, uncond) of the batch's rows ``rows`` under ``decision``: the whole batch in one call, or
+        a part of it with its own rows of the conditioning, exactly as those images alone would be evaluated."""
+        group = [owners[r] for r in rows] if self.per_image else owners
+        if len(rows) == x.shape[0]:
+            return self._predict(decision, group, executor, x, timestep, model_options, seed)
+        at = torch.tensor(rows, device=x.device)
+        guider = executor.class_obj
+        conds = guider.conds
+        guider.conds = {k: conditioning_rows(v, at, x.shape[0]) for k, v in conds.items()}
+        try:
+            return self._predict(decision, group, executor, x[at], timestep[at], model_options, seed)
+        finally:
+            guider.conds = conds
+
+    def _predict(self, decision: Decision, owners: list, executor: Any, x: torch.Tensor, timestep: torch.Tensor,
+                 model_options: dict, seed: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(denoised, cond, uncond) of rows ``x`` under ``decision``; ``owners`` (the oracles covering the rows, with
+        their step states) supply CACHED predictions and LINEAR estimates."""
+        if decision is Decision.CACHED:
+            return cached(owners).to(x.dtype), None, None
+        if decision is Decision.COND:
+            return self._cond(executor, x, timestep, model_options, seed)
+        if decision is Decision.LINEAR:
+            return self._linear(owners, executor, x, timestep, model_options)
+        return self._full(executor, x, timestep, model_options, seed)
 
     def _capture(self, call: Callable[[], Any]) -> tuple[Any, list[torch.Tensor] | None]:
         self.capturing, self.captured = True, None
@@ -278,7 +355,7 @@ class AdaptiveRun(OracleRun):
             guider.cfg = cfg
         return denoised, None if captured is None else captured[0], None
 
-    def _linear(self, state, executor, x, timestep, model_options):
+    def _linear(self, owners, executor, x, timestep, model_options):
         import comfy.samplers as samplers  # ComfyUI's own conditional evaluation and CFG function
         guider = executor.class_obj
         positive, negative = guider.conds.get("positive"), guider.conds.get("negative")
@@ -286,7 +363,7 @@ class AdaptiveRun(OracleRun):
                                                                 model_options))
         cond = out[0]
         if torch.isfinite(cond).all():
-            uncond = self.oracle.estimate_uncond(state, cond.float()).to(cond.dtype)
+            uncond = estimate(owners, cond.float()).to(cond.dtype)
         else:
             uncond = cond * math.nan
         denoised = samplers.cfg_function(guider.inner_model, cond, uncond, guider.cfg, x, timestep,
@@ -299,13 +376,16 @@ class AdaptiveRun(OracleRun):
         if self.reason:
             notes.append(f"{self.sampler} {self.reason}; ran unchanged (full CFG)"
                          if not self.reason.startswith("cfg") else f"{self.reason}; ran unchanged")
+        notes += [f"{self.settings.mode} {self.batch_note}"] if self.batch_note else []
         notes.extend(self.notes())
         adapting = self.oracle is not None
-        nfe_full = self.nfe_full if adapting else self.nfe
+        nfe_full = self.nfe_full if adapting else self.nfe[0]
         fp = latent_fingerprint(output) if isinstance(output, torch.Tensor) and not output.is_nested else ()
         return RunReport(sampler=self.sampler, mode=self.settings.describe() if adapting or self.reason else "off",
-                         steps=self.steps, batch=self.batch, stochastic=self.stochastic, flow=self.flow, nfe=self.nfe,
-                         nfe_full=nfe_full, schedule="".join(self.schedule), note="; ".join(notes), fingerprint=fp)
+                         steps=self.steps, batch=self.batch, stochastic=self.stochastic, flow=self.flow,
+                         image_nfe=tuple(self.nfe), nfe_full=nfe_full,
+                         schedules=tuple("".join(letters) for letters in self.schedules), note="; ".join(notes),
+                         fingerprint=fp)
 
 
 # -- ComfyUI wrappers (plain functions: all state is in the run they find in transformer_options) -------------------
@@ -357,6 +437,7 @@ def begin_run(settings: ComfySettings, guider: Any, sampler: Any, sigmas: torch.
         flow = is_flow(sampling)
         sigmas = run_sigmas(name, sigmas, sampling, flow)
     run = AdaptiveRun(settings, name, sigmas, batch, cfg, stochastic, reason, cfg1, flow)
+    run.batch_note = run.split_images(per_image_blocker(*(getattr(guider, "conds", None) or {}).values()))
     if run.reason and settings.mode != "off":
         log.info("Adaptive Sampling: %s %s; running it unchanged", name, run.reason)
     return run
@@ -491,7 +572,10 @@ class AdaptiveSamplingNode:
         d = _DEFAULTS
         return {"required": {
             "model": ("MODEL",),
-            "mode": (list(MODES), {"default": d["mode"], "tooltip": "forecast = recommended; off = unchanged"}),
+            "mode": (list(MODES), {"default": d["mode"],
+                                   "tooltip": "forecast = recommended; off = unchanged. AG and AdaptiveDiffusion "
+                                              "decide per image (an image gives the same picture alone or in a "
+                                              "batch), per batch when a ControlNet is applied"}),
             "budget": ("FLOAT", {"default": d["budget"], "min": 0.0, "max": 1.0, "step": 0.01,
                                  "tooltip": "forecast, for experts: fraction of full CFG's network evaluations to "
                                             "spend instead of the level's; 0 = set by the level"}),

@@ -19,10 +19,10 @@ Forge is to evaluate:
   oracle's x0 without the other extensions' CFG hooks, as a CACHED step does in ComfyUI.
 
 A post-CFG function added last records what the step produced. The step bookkeeping is
-:class:`~adaptive_sampler.hosts.backend.OracleRun`, shared with the ComfyUI host. Oracles that decide per image (AG,
-AdaptiveDiffusion) get one copy per image, as in our own loops; a step whose images decided differently runs each
-decision group's rows through Forge's own CFG step (``sampling_function_inner``, hooks included) as they would run
-alone, and Forge's call for the step then evaluates nothing (as a CACHED step). A flow model (Forge's predictor of the
+:class:`~adaptive_sampler.hosts.backend.OracleRun`, shared with the ComfyUI host, and so is the per-image mechanism:
+oracles that decide per image (AG, AdaptiveDiffusion) get one copy per image, as in our own loops; a step whose
+images decided differently runs each decision group's rows through Forge's own CFG step (``sampling_function_inner``,
+hooks included) as they would run alone, and Forge's call for the step then evaluates nothing (as a CACHED step). A flow model (Forge's predictor of the
 ``const`` kind) is told to the oracle (``RunInfo.flow``). Without an unconditional pass (CFG 1, a hires pass at CFG
 1, distilled-CFG models such as Flux) the run is unguided (``RunInfo.guided``): the skipping modes (Forecast,
 AdaptiveDiffusion) still skip steps; the guidance modes have nothing to adapt and the pass runs unchanged, with a note
@@ -39,8 +39,9 @@ from typing import Any, Callable
 import torch
 
 from .. import oracles as O
-from ..oracles import Decision, StepRecord, StepState
-from .backend import GUIDANCE_MODES, HALF_LOG_SNR_SAMPLERS, ONE_CALL_SAMPLERS, OracleRun, classify_function
+from ..oracles import Decision, StepState
+from .backend import (GUIDANCE_MODES, HALF_LOG_SNR_SAMPLERS, ONE_CALL_SAMPLERS, OracleRun, cached, classify_function,
+                      conditioning_rows, estimate, groups, per_image_blocker)
 from .webui_common import ADAPTIVE_SAMPLERS, AdaptiveSettings, PassNFE, conditioning_boundaries
 
 #: The title of Forge Neo's built-in step skipper, which must not run on top of ours.
@@ -86,29 +87,6 @@ def is_flow(model: Any) -> bool:
     return getattr(getattr(model, "predictor", None), "prediction_type", None) == "const"
 
 
-def _rows_of(entries: list[dict] | None, at: torch.Tensor, batch: int) -> list[dict] | None:
-    """The rows ``at`` of Forge's compiled conditioning (a list of entries whose tensors and ``Condition`` objects hold
-    one row per image); what holds no row per image (constants, weights) is kept."""
-    if entries is None:
-        return None
-
-    def rows(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return value[at] if value.ndim and value.shape[0] == batch else value
-        inner = getattr(value, "cond", None)
-        if isinstance(inner, torch.Tensor) and inner.ndim and inner.shape[0] == batch and hasattr(value, "_copy_with"):
-            return value._copy_with(inner[at])
-        return value
-
-    out = []
-    for entry in entries:
-        entry = {k: rows(v) for k, v in entry.items()}
-        if isinstance(entry.get("model_conds"), dict):
-            entry["model_conds"] = {k: rows(v) for k, v in entry["model_conds"].items()}
-        out.append(entry)
-    return out
-
-
 class ForgePass:
     """One Forge sampling pass (txt2img, img2img, or a hires-fix pass) under the user's settings.
 
@@ -131,18 +109,21 @@ class ForgePass:
         self._report = report
         self._evaluate = evaluate
         self.run: OracleRun | None = None
-        self.per_image = False
         #: The schedule the sampler function was called with, and whether it is DDIM's timesteps (set by the wrapper
         #: :func:`install` puts on the sampler function: the calls that run, which Forge's step counts do not say for
         #: DDIM, one call per interval of its timestep grid).
         self.schedule: tuple[torch.Tensor, bool] | None = None
         self._notes: list[str] = []
         self._boundaries: frozenset[int] = frozenset()
-        self._batch = 0
         self._pending: tuple[list[tuple[O.Oracle, StepState]], list[Decision], bool] | None = None
         self._cached: torch.Tensor | None = None
         self._estimate: torch.Tensor | None = None
         self._groups: tuple[torch.Tensor, list, list] | None = None
+
+    @property
+    def per_image(self) -> bool:
+        """Whether the pass decides per image (see :meth:`OracleRun.split_images`)."""
+        return self.run is not None and self.run.per_image
 
     # -- what the infotext reports --------------------------------------------------------------------------------
     @property
@@ -154,9 +135,7 @@ class ForgePass:
         """(NFE used, NFE of full CFG) of each image so far (calls after a stop count for every image)."""
         if self.run is None or self.settings is None or self.settings.mode == "off":
             return []
-        if self.per_image:
-            return [(image.nfe + self.run.nfe, self.run.nfe_full) for image in self.run.oracle.images]
-        return [(self.run.nfe, self.run.nfe_full)] * self._batch
+        return [(used, self.run.nfe_full) for used in self.run.nfe]
 
     # -- the conditioning modifier: once per step, before Forge evaluates anything ---------------------------------
     def modify(self, model: Any, x: torch.Tensor, timestep: torch.Tensor, uncond: Any, cond: list, cond_scale: float,
@@ -171,15 +150,7 @@ class ForgePass:
             self.run.unchanged()
             self._report(self.p, self)
             return model, x, timestep, uncond, cond, cond_scale, model_options, seed
-        changed = i in self._boundaries
-        if self.per_image:
-            states = [StepState(index=i, total=self.run.steps, sigma=sigma, x=x[r:r + 1], conditioning_changed=changed)
-                      for r in range(x.shape[0])]
-            owners = list(zip(self.run.oracle.images, states))
-            decisions = self.run.oracle.decide_images(states)
-        else:
-            state, decision = self.run.begin(i, sigma, x, conditioning_changed=changed)
-            owners, decisions = [(self.run.oracle, state)], [decision] * x.shape[0]
+        owners, decisions = self.run.decide(i, sigma, x, conditioning_changed=i in self._boundaries)
         dropped = uncond is None or (math.isclose(cond_scale, 1.0)
                                      and not model_options.get("disable_cfg1_optimization", False))
         self._pending = (owners, decisions, dropped)
@@ -197,7 +168,7 @@ class ForgePass:
             uncond = None
             options["sampler_cfg_function"] = self._linear_cfg(owners, cond, options.get("sampler_cfg_function"))
         elif decision is Decision.CACHED:
-            self._cached = _cached(owners).to(x.dtype)
+            self._cached = cached(owners).to(x.dtype)
             return self._no_evaluation(model, x, timestep, cond, cond_scale, model_options, seed)
         options["sampler_post_cfg_function"] = post + [self._record]
         return model, x, timestep, uncond, cond, cond_scale, options, seed
@@ -224,14 +195,13 @@ class ForgePass:
         denoised = torch.empty_like(x)
         conds: list[torch.Tensor | None] = [None] * batch
         unconds: list[torch.Tensor | None] = [None] * batch
-        for decision in dict.fromkeys(decisions):
-            rows = [r for r, d in enumerate(decisions) if d is decision]
+        for decision, rows in groups(decisions):
             at = torch.tensor(rows, device=x.device)
             group = [owners[r] for r in rows]
             if decision is Decision.CACHED:
-                denoised[at] = _cached(group).to(x.dtype)
+                denoised[at] = cached(group).to(x.dtype)
                 continue
-            sub_cond, sub_uncond = _rows_of(cond, at, batch), _rows_of(uncond, at, batch)
+            sub_cond, sub_uncond = conditioning_rows(cond, at, batch), conditioning_rows(uncond, at, batch)
             options = dict(model_options)
             scale = cond_scale
             if decision is Decision.COND and not dropped:
@@ -272,18 +242,12 @@ class ForgePass:
         elif uncond is None and settings.mode in GUIDANCE_MODES:
             reason = NO_UNCOND.format(mode=settings.mode)
         oracle = settings.build_oracle(steps) if reason is None else None
-        self._batch = x.shape[0]
         self.run = OracleRun(oracle, name, sigmas, x.shape[0], stochastic, rows_full=1 if uncond is None else 2,
                              steps=steps, flow=is_flow(model))
         note = settings.short_pass_note(steps) if reason is None else reason
         self._notes = ([note] if note else []) + [why for _, why in (oracle.overrides if oracle else [])]
-        if self.run.active and oracle.decides_per_image and x.shape[0] > 1:
-            if any("control" in c for c in cond):
-                self._notes.append(f"{settings.mode} decided per batch: a ControlNet is active (its hint is "
-                                   "computed for the whole batch)")
-            else:
-                oracle.split_images()
-                self.per_image = True
+        batch_note = self.run.split_images(per_image_blocker(cond))
+        self._notes += [f"{settings.mode} {batch_note}"] if batch_note else []
         extra = getattr(sampler, "sampler_extra_args", None) or {}
         self._boundaries = conditioning_boundaries(extra.get("cond"), extra.get("uncond"))
 
@@ -294,7 +258,7 @@ class ForgePass:
 
         def cfg(args: dict) -> torch.Tensor:
             x, c = args["input"], args["cond_denoised"]
-            u = _estimate(owners, c.float()).to(c.dtype)
+            u = estimate(owners, c.float()).to(c.dtype)
             args["uncond_denoised"].copy_(u)  # the same tensor the post-CFG hooks are given: they see the estimate
             self._estimate = u
             if theirs is not None:
@@ -312,8 +276,7 @@ class ForgePass:
             denoised, conds, unconds = self._groups
         else:
             denoised = self._cached if decisions[0] is Decision.CACHED else args["denoised"]
-            cached = decisions[0] is Decision.CACHED
-            cond_rows = None if cached else args["cond_denoised"]
+            cond_rows = None if decisions[0] is Decision.CACHED else args["cond_denoised"]
             uncond_rows = None
             if decisions[0] is Decision.FULL and not dropped:
                 uncond_rows = args["uncond_denoised"]
@@ -322,38 +285,15 @@ class ForgePass:
             conds = [None if cond_rows is None else cond_rows[r:r + 1] for r in range(denoised.shape[0])]
             unconds = [None if uncond_rows is None else uncond_rows[r:r + 1] for r in range(denoised.shape[0])]
         self._cached = self._estimate = self._groups = None
-        index, sigma = owners[0][1].index, owners[0][1].sigma
+        index = owners[0][1].index
         if not torch.isfinite(denoised).all():
             raise FloatingPointError(f"adaptive sampling: the prediction at step {index} is NaN/inf "
                                      f"(decisions {''.join(d.value for d in decisions)})")
         taken = [Decision.COND if d in (Decision.FULL, Decision.LINEAR) and u is None and self.run.rows_full == 2
                  else d for d, u in zip(decisions, unconds)]  # Forge evaluated no uncond rows (NGMS): 1 NFE
-        if self.per_image:
-            x = torch.cat([state.x for _, state in owners])
-            records = [StepRecord(index=index, decision=taken[r], sigma=sigma, x=x[r:r + 1],
-                                  denoised=denoised[r:r + 1], eps=(x[r:r + 1] - denoised[r:r + 1]) / sigma,
-                                  cond=conds[r], uncond=unconds[r]) for r in range(len(taken))]
-            self.run.oracle.record_images(records, [0] * len(taken), [None] * len(taken))
-        else:
-            both = [None if any(v is None for v in t) else torch.cat(t) for t in (conds, unconds)]
-            self.run.finish(owners[0][1], taken[0], denoised, both[0], both[1])
+        self.run.record(owners, taken, denoised, conds, unconds)
         self._report(self.p, self)
         return denoised
-
-
-def _cached(owners: list[tuple[O.Oracle, StepState]]) -> torch.Tensor:
-    """The CACHED prediction of the rows the owners cover (one oracle for the batch, or one per image)."""
-    return torch.cat([oracle.cached_denoised(state) for oracle, state in owners])
-
-
-def _estimate(owners: list[tuple[O.Oracle, StepState]], cond: torch.Tensor) -> torch.Tensor:
-    """The LINEAR estimate of the unconditional prediction of the rows the owners cover, from their ``cond`` rows."""
-    out, start = [], 0
-    for oracle, state in owners:
-        rows = state.x.shape[0]
-        out.append(oracle.estimate_uncond(state, cond[start:start + rows]))
-        start += rows
-    return torch.cat(out)
 
 
 def first_call_sigmas(func: Callable[..., Any], model: Any, schedule: torch.Tensor, timesteps: bool) -> torch.Tensor:
