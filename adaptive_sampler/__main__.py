@@ -171,20 +171,43 @@ def demo_figure(family: str, runs: _DemoRuns, cells: list[tuple[str, str]], scal
                                    f"schedule {schedule}")
 
 
+#: The oracles the demo runs without ``--full``: what its figures show (fewer steps follows the default's row).
+DEMO_FIGURE_ORACLES = ("full", "recommended")
+
+
+def demo_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the demo's unset schedules and oracles: with ``--full`` every schedule and oracle, without it the
+    figures' own runs (each family's first schedule, full CFG and the default), which a new user sees in seconds
+    rather than minutes. Values given on the command line are kept either way."""
+    from .lab.experiment import FLOW_SCHEDULES, SCHEDULES
+
+    if args.schedules is None:
+        args.schedules = list(SCHEDULES) if args.full else [SCHEDULES[0]]
+    if args.flow_schedules is None:
+        args.flow_schedules = list(FLOW_SCHEDULES) if args.full else [FLOW_SCHEDULES[0]]
+    if args.oracles is None:
+        args.oracles = list(DEMO_ORACLES) if args.full else list(DEMO_FIGURE_ORACLES)
+    return args
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .embedded import load_classifier
     from .lab.images import save_grid
 
     torch.set_num_threads(args.threads)
+    args = demo_defaults(args)
     classifier = load_classifier()
     grid, figures = [], []
     for family in args.families:
         rows, figure = demo_family(family, args, classifier)
         grid += rows
         figures.append(figure)
-    path = save_grid(grid, Path(args.out) / "demo.png", label_width=480)
-    print(f"wrote {', '.join(str(f) for f in figures)} (full CFG | the default | fewer steps, per sampler) and "
-          f"{path} (every row of the tables)")
+    written = f"wrote {', '.join(str(f) for f in figures)} (full CFG | the default | fewer steps, per sampler)"
+    if args.full:
+        path = save_grid(grid, Path(args.out) / "demo.png", label_width=480)
+        print(f"{written} and {path} (every row of the tables)")
+    else:
+        print(f"{written}; --full adds every schedule and oracle and demo.png (every row of the tables)")
     return 0
 
 
@@ -319,18 +342,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
 
     demo = _command(
-        sub, "demo", "the main job: every sampler x schedule x oracle on both embedded models against full CFG and "
-        "fewer steps at the same NFE; about 16 minutes on 2 busy cores; writes demo_sd.png, demo_flow.png, demo.png",
+        sub, "demo", "the main job: per sampler, full CFG, the default and fewer steps at the same NFE on both "
+        "embedded models; about a minute on 2 shared cores; writes demo_sd.png, demo_flow.png (--full: every "
+        "sampler x schedule x oracle and demo.png, about 4 minutes)",
         "Samples the SD-style digits model at A1111's defaults (20 steps, scale 7) and the flow-matching one at 20 "
-        "steps, scale 5, every "
-        "oracle with the same seeds and noise draws as full CFG, and prints per row the NFE per image, the PSNR "
-        "against full CFG and the digits classifier's accuracy; after the default's row comes full CFG on as many "
-        "steps as the default computes (the honest baseline at the same NFE).",
+        "steps, scale 5, with the same seeds and noise draws as full CFG, and prints per row the NFE per image, the "
+        "PSNR against full CFG and the digits classifier's accuracy; after the default's row comes full CFG on as "
+        "many steps as the default computes (the honest baseline at the same NFE). Without --full it runs every "
+        "sampler on each model's first schedule (SD-style: its own; flow: shift 1) with full CFG and the default: "
+        "the figures' runs. --full runs every schedule and every oracle (AG, LinearAG, AdaptiveDiffusion, their "
+        "composition); --schedules, --flow-schedules and --oracles choose them in either case.",
         "Writes into --out (default out/): demo_sd.png and demo_flow.png, one figure per model family (per sampler: "
         "full CFG | the default | fewer steps at the same NFE, with NFE, PSNR and the difference to full CFG "
-        "amplified; at the first scale and schedule), and demo.png (every row of the tables).",
-        "Takes about 16 minutes with the defaults on 2 CPU cores shared with other jobs (load average 6); "
-        "--families sd --samplers euler dpmpp_2m --schedules default --per-class 1 takes about a minute.")
+        "amplified; at the first scale and schedule); with --full also demo.png (every row of the tables).",
+        "Measured on 2 CPU cores shared with other jobs: 45 seconds with the defaults at load average 1.5 (2 minutes "
+        "at 5); 4 minutes with --full at load average 2 (about 16 at 6).")
     demo.add_argument("--out", default="out", help="output folder (default: out/)")
     demo.add_argument("--steps", type=_positive_int, default=20, help="steps (default 20, A1111's default)")
     demo.add_argument("--scales", type=_scale, nargs="+", default=[7.0],
@@ -341,12 +367,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="sampler variants (ddim_eta1: DDIM with eta 1)")
     demo.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES),
                       help="model families: sd (the SD-style model), flow (the flow-matching model); default both")
-    demo.add_argument("--schedules", nargs="+", choices=list(SCHEDULES), default=list(SCHEDULES),
-                      help="schedules of the SD-style model (DDIM keeps its own timestep grid)")
-    demo.add_argument("--flow-schedules", nargs="+", type=_flow_schedule, default=list(FLOW_SCHEDULES),
-                      help="schedules of the flow model, 'shift <number>' (default: 'shift 1' 'shift 3')")
-    demo.add_argument("--oracles", nargs="+", choices=DEMO_ORACLES, default=list(DEMO_ORACLES),
-                      help="oracles, one row each (default: all; the figures always show the default)")
+    demo.add_argument("--full", action="store_true",
+                      help="every schedule and oracle (about 4 minutes), and demo.png with every row of the tables")
+    demo.add_argument("--schedules", nargs="+", choices=list(SCHEDULES),
+                      help="schedules of the SD-style model (default: default; with --full: default karras; DDIM "
+                           "keeps its own timestep grid)")
+    demo.add_argument("--flow-schedules", nargs="+", type=_flow_schedule,
+                      help="schedules of the flow model, 'shift <number>' (default: 'shift 1'; with --full: "
+                           "'shift 1' 'shift 3')")
+    demo.add_argument("--oracles", nargs="+", choices=DEMO_ORACLES,
+                      help="oracles, one row each (default: full recommended; with --full: all; the figures always "
+                           "show the default)")
     demo.add_argument("--per-class", type=_positive_int, default=2, help="images per digit class and row (default 2)")
     demo.add_argument("--seed", type=int, default=0, help="the first image's seed (default 0)")
     demo.add_argument("--threads", type=_positive_int, default=2, help="torch threads (default 2)")

@@ -1,6 +1,7 @@
 """The commands users run: each writes its outputs and fails clearly on bad input."""
 
 import json
+import re
 
 import pytest
 
@@ -8,11 +9,35 @@ from adaptive_sampler.__main__ import main
 from adaptive_sampler.oracles.linear_ag import LinearAGCoefficients
 
 
-def test_demo_writes_a_grid(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--samplers", "euler", "ddim", "--steps", "10", "--per-class", "1"]) == 0
-    assert (tmp_path / "demo.png").stat().st_size > 1000
+SMALL_DEMO = ["--samplers", "euler", "ddim", "--steps", "10", "--per-class", "1"]
+
+
+def table_rows(out):
+    """(sampler, schedule, oracle) of every row the demo printed (its fixed-width columns; the oracle without the
+    parenthesised detail, e.g. fewer steps' count)."""
+    return {(line[6:22].strip(), line[23:31].strip(), re.sub(r" \(.*\)$", "", line[32:56].strip()))
+            for line in out.splitlines() if re.match(r"^ +[57] ", line)}
+
+
+def test_demo_writes_the_figures_from_their_own_runs_only(tmp_path, capsys):
+    """The main command runs what the figures show: each sampler on each model's first schedule, full CFG, the
+    default and fewer steps; the grid of every row is left to --full."""
+    assert main(["demo", "--out", str(tmp_path), *SMALL_DEMO]) == 0
+    assert (tmp_path / "demo_sd.png").stat().st_size > 1000 and (tmp_path / "demo_flow.png").stat().st_size > 1000
+    assert not (tmp_path / "demo.png").exists()
     out = capsys.readouterr().out
-    assert "NFE/image" in out and "recommended" in out
+    rows = table_rows(out)
+    assert {(s, schedule) for s, schedule, _ in rows} == {("euler", "default"), ("ddim", "default"), ("euler", "shift 1")}
+    assert {oracle for _, _, oracle in rows} == {"full CFG", "recommended", "fewer steps"} and "--full" in out
+
+
+def test_demo_full_runs_every_schedule_and_oracle_and_writes_the_grid(tmp_path, capsys):
+    assert main(["demo", "--full", "--families", "sd", "--out", str(tmp_path), *SMALL_DEMO]) == 0
+    assert (tmp_path / "demo.png").stat().st_size > 1000 and (tmp_path / "demo_sd.png").exists()
+    rows = table_rows(capsys.readouterr().out)
+    assert {schedule for _, schedule, _ in rows} == {"default", "karras"}
+    assert {o for _, _, o in rows} == {"full CFG", "recommended", "fewer steps", "AG", "LinearAG", "AdaptiveDiffusion",
+                                       "AG + AdaptiveDiffusion"}
 
 
 def test_bench_samplers_quick_writes_a_table_per_model_family(tmp_path, capsys):

@@ -91,7 +91,7 @@ def test_demo_writes_the_family_figure_and_the_baseline_row(tmp_path, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "recommended" in out and "fewer steps (4)" in out  # 40% of 10 steps computes 4
-    assert (tmp_path / "demo.png").exists() and not (tmp_path / "demo_flow.png").exists()
+    assert not (tmp_path / "demo_flow.png").exists() and not (tmp_path / "demo.png").exists()  # the grid: --full
     figure = Image.open(tmp_path / "demo_sd.png")
     assert figure.width > 800 and figure.height > 300  # one sampler row of 64-pixel digits, readable captions
 
