@@ -21,6 +21,7 @@ from .. import embedded
 from ..flow import is_flow_model
 from ..oracles import FullCFG, Oracle, RunSummary
 from ..sampling import SAMPLERS, get_sigmas_ddim
+from ..schedules import SCHEDULE_FAMILIES, schedule_sigmas as schedule_family_sigmas
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,11 @@ SCHEDULES = ("default", "karras")
 #: Schedules of a flow model: its own ("simple", evenly in schedule time) shifted as SD3's ``shift`` does (ComfyUI's
 #: ModelSamplingSD3 node); "shift 1" is unshifted. Any ``"shift <number>"`` is accepted.
 FLOW_SCHEDULES = ("shift 1", "shift 3")
+#: Every schedule family the hosts offer (:mod:`adaptive_sampler.schedules`), by model family: the SD-style model
+#: takes a family's name (``"default"`` is its own schedule, A1111's Automatic), a flow model ``"<family> shift <n>"``
+#: (Align Your Steps is an SD schedule).
+SD_SCHEDULES = ("default", *SCHEDULE_FAMILIES)
+FLOW_SCHEDULE_FAMILIES = tuple(name for name in SCHEDULE_FAMILIES if name != "align_your_steps")
 
 
 def variants_for(target: Target) -> list[str]:
@@ -122,38 +128,47 @@ def schedules_for(target: Target) -> tuple[str, ...]:
 
 
 def flow_shift(schedule: str) -> float:
-    """The shift of a flow schedule name ``"shift <number>"``."""
+    """The shift of a flow schedule name ``"shift <number>"`` or ``"<family> shift <number>"``."""
+    return _flow_schedule(schedule)[1]
+
+
+def _flow_schedule(schedule: str) -> tuple[str | None, float]:
+    """(schedule family or None for the model's own, shift) of a flow schedule name."""
+    words = schedule.split()
+    family = words[0] if len(words) == 3 else None
     try:
-        name, value = schedule.split()
+        name, value = words[-2:]
         shift = float(value)
     except ValueError:
         name, shift = "", math.nan
-    if name != "shift" or not math.isfinite(shift) or shift <= 0:
-        raise ValueError(f"a flow model's schedule is 'shift <positive number>' (e.g. {', '.join(FLOW_SCHEDULES)}), "
-                         f"got {schedule!r}")
-    return shift
+    if (name != "shift" or not math.isfinite(shift) or shift <= 0 or len(words) not in (2, 3)
+            or (family is not None and family not in FLOW_SCHEDULE_FAMILIES)):
+        raise ValueError(f"a flow model's schedule is 'shift <positive number>' (its own, e.g. "
+                         f"{', '.join(FLOW_SCHEDULES)}) or '<family> shift <number>' with a family of "
+                         f"{', '.join(FLOW_SCHEDULE_FAMILIES)}; got {schedule!r}")
+    return family, shift
 
 
 def on_schedule(target: Target, schedule: str) -> Target:
     """The target whose model samples on ``schedule``: for a flow model the network with its schedule shifted
     (sigmas, ``percent_to_sigma`` and the DPM++ SDE offset follow the shift, as in ComfyUI); otherwise ``target``."""
     if not target.flow:
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+        if schedule not in SD_SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SD_SCHEDULES)}, got {schedule!r}")
         return target
     shift = flow_shift(schedule)
     return dataclasses.replace(target, model=target.model.with_shift(shift))
 
 
 def schedule_sigmas(target: Target, sampler: str, steps: int, schedule: str) -> torch.Tensor | None:
-    """The sigmas of ``schedule`` for ``sampler`` (None: the sampler's default grid, see :func:`sigmas_for`).
-    DDIM keeps its own timestep grid whatever the schedule, as in A1111. A flow model's schedules are its own,
-    shifted (see :func:`on_schedule`)."""
+    """The sigmas of ``schedule`` for ``sampler`` (None: the sampler's default grid, see :func:`sigmas_for`): a
+    family of :mod:`adaptive_sampler.schedules` on the model (a flow model's shifted as :func:`on_schedule` says).
+    DDIM keeps its own timestep grid whatever the schedule, as in A1111."""
     target = on_schedule(target, schedule)
-    if target.flow or schedule == "default" or sampler == "ddim":
+    family = _flow_schedule(schedule)[0] if target.flow else (None if schedule == "default" else schedule)
+    if family is None or sampler == "ddim":
         return None
-    model = target.model
-    return K.sampling.get_sigmas_karras(steps, float(model.sigma_min), float(model.sigma_max))
+    return schedule_family_sigmas(target.model, family, steps)
 
 
 def variant_schedules(variants: Sequence[str], schedules: Sequence[str]) -> list[tuple[str, str]]:
