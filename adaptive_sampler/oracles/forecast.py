@@ -37,6 +37,7 @@ import math
 from collections import deque
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from .base import Decision, Oracle, RunInfo, StepRecord, StepState, _check_int, _check_real
@@ -112,62 +113,67 @@ def level_budget(level: str, stochastic: bool, dpm_solver: bool) -> float:
     return (sde if dpm_solver else other) if stochastic else deterministic
 
 
-def computed_steps(steps: int, budget: float, warmup: int, sigmas: Sequence[float] = (),
-                   placement: str = "log-sigma", alternate: bool | None = None) -> frozenset[int]:
-    """The steps a budget computes: warm-up, the last step, and the rest spread evenly over the middle steps along a
-    :func:`placement_positions` axis (from the last warm-up step to the last step): ``"index"``, or, when ``sigmas``
-    (the run's schedule) is given, ``"step-length"``, ``"log-sigma"``, ``"rho"`` or ``"x0-weight"`` (without sigmas:
-    ``"index"``). With ``"index"`` and ``"step-length"``, above half the steps the skipped ones are spread evenly in
-    index instead (measured: at 60-70% this keeps every skipped step between two computed ones and gains 1-10 dB over
-    spreading the computed steps, method notes).
+#: How the misses of a stretch's skipped steps add up in the plan's error model (:func:`even_plan`): 0 would spread
+#: the computed steps evenly whatever the count of skips between them, 1 would add the misses as if each stood
+#: alone; 0.5, between them, was best over budgets 30-80% on both model families (method notes, "Robust plans").
+SKIPPED_POWER = 0.5
 
-    ``alternate`` (by default: with ``"x0-weight"``): when the budget leaves at least the last 10% computed after
-    alternating, every skipped step sits between two computed ones from the warm-up on (one step to forecast across)
-    and the computed steps left over close the run, as Forge's Spectrum places its steps (measured on stochastic
-    samplers of both model families: method notes).
+
+def computed_steps(steps: int, budget: float, warmup: int, sigmas: Sequence[float] = (),
+                   placement: str = "log-sigma") -> frozenset[int]:
+    """The steps a budget computes: warm-up, the last step, and the rest spread as evenly as the schedule's steps
+    allow along a :func:`placement_positions` axis (from the last warm-up step to the last step): ``"index"``, or,
+    when ``sigmas`` (the run's schedule) is given, ``"step-length"``, ``"log-sigma"``, ``"rho"`` or ``"x0-weight"``
+    (without sigmas: ``"index"``).
+
+    One error model decides at every budget: a skipped step's forecast misses by about the length, on that axis, of
+    the stretch between the computed steps around it, and the misses of a stretch's skipped steps add up partly
+    (their count to :data:`SKIPPED_POWER`), so a plan costs the sum over its stretches of ``count ** 0.5 * length **
+    2``, and the plan minimises it exactly (:func:`even_plan`). Below half the budget this spreads the
+    computed steps evenly along the axis; above it, it keeps skips apart (one skip between two computed steps costs
+    less than two side by side) where the axis is even, and where a schedule crowds steps that barely move (a Karras
+    schedule's tail on a flow model) those stay skipped at every budget. No rule switches at any budget (measured:
+    docs/method-notes.md, "Robust plans").
 
     A run too short for the budget (fewer than ``warmup + 1`` computed steps) still computes the warm-up and the
     last step: forecasting from nothing would be a guess. :class:`Forecast` reports such runs in its overrides.
     """
     placement = placement if sigmas else "index"
-    alternate = placement == "x0-weight" if alternate is None else alternate
     total = max(int(math.floor(budget * steps + 1e-9)), min(steps, warmup + 1))
     if total >= steps:
         return frozenset(range(steps))
-    middle = list(range(warmup, steps - 1))
-    extra = total - warmup - 1
-    if alternate and 2 * total > steps:
-        alternating = alternate_then_tail(steps, total, warmup)
-        if alternating is not None:
-            return alternating
-    if placement in ("index", "step-length") and 2 * total > steps:
-        # skipped steps are the minority: spread those in index, so that no two are adjacent while the budget allows
-        skipped = steps - total
-        chosen = set(middle) - {middle[int((k + 0.5) * len(middle) / skipped)] for k in range(skipped)}
-    else:
-        lam = placement_positions(placement, sigmas, steps)
-        lo, hi = lam[warmup - 1], lam[steps - 1]
-        position = {j: (lam[j] - lo) / (hi - lo) for j in middle}
-        chosen = set()
-        for k in range(1, extra + 1):
-            chosen.add(min((j for j in middle if j not in chosen), key=lambda j: abs(position[j] - k / (extra + 1))))
-    return frozenset(range(warmup)) | {steps - 1} | chosen
+    positions = placement_positions(placement, sigmas, steps)
+    return frozenset(range(warmup)) | {steps - 1} | even_plan(positions, warmup - 1, total - warmup - 1)
 
 
-def alternate_then_tail(steps: int, total: int, warmup: int, min_tail: float = 0.1) -> frozenset[int] | None:
-    """``total`` computed steps of ``steps``: the warm-up, then skip / compute in turn, then a computed tail; None
-    when the budget leaves a tail shorter than ``min_tail`` of the steps (Spectrum's last 10%): alternating would
-    then skip the last steps, which give x0 the most weight on a model's own schedule."""
-    for tail in range(1, steps - warmup + 1):
-        middle = steps - warmup - tail
-        if warmup + tail + middle // 2 == total:
-            if tail < min_tail * steps:
-                return None
-            return frozenset(range(warmup)) | set(range(steps - tail, steps)) | {warmup + 1 + 2 * i
-                                                                                 for i in range(middle // 2)}
-        if warmup + tail + middle // 2 > total:
-            return None
-    return None
+def even_plan(positions: Sequence[float], first: int, extra: int) -> set[int]:
+    """The ``extra`` steps strictly between step ``first`` and the last step (both computed) that minimise the sum,
+    over consecutive computed steps ``a < b``, of ``(b - a - 1) ** SKIPPED_POWER * (positions[b] - positions[a]) ** 2``
+    (the stretch's length squared, times its count of skipped steps to :data:`SKIPPED_POWER`): an exact dynamic
+    program over (steps chosen, last chosen step), O(extra * steps ** 2) in numpy."""
+    last = len(positions) - 1
+    if extra <= 0:
+        return set()
+    p = np.asarray(positions, dtype=np.float64)
+    index = np.arange(len(p))
+    skipped = (index[None, :] - index[:, None] - 1).clip(min=0)
+    gap = np.triu(skipped ** SKIPPED_POWER * (p[None, :] - p[:, None]) ** 2, k=1)
+    gap[np.tril_indices(len(p))] = np.inf
+    gap[:first] = np.inf  # nothing is chosen before the warm-up ends
+    best, choices = gap[first].copy(), []
+    best[last] = np.inf  # the last step closes the plan; it is not one of the extra steps
+    for _ in range(extra - 1):
+        candidates = best[:, None] + gap
+        candidates[:, last] = np.inf
+        choice = np.argmin(candidates, axis=0)
+        best = candidates[choice, np.arange(len(p))]
+        choices.append(choice)
+    step = int(np.argmin(best + gap[:, last]))
+    chosen = {step}
+    for choice in reversed(choices):
+        step = int(choice[step])
+        chosen.add(step)
+    return chosen
 
 
 class Forecast(Oracle):
@@ -187,8 +193,9 @@ class Forecast(Oracle):
     ``"step-length"`` (denser where the schedule's steps are longer in sigma),
     ``"log-sigma"``, ``"rho"`` or ``"x0-weight"`` (evenly in log sigma, in ``sigma ** (1 / 7)`` or in the summed x0
     weight of the steps, see :func:`placement_positions`; these need the run's sigmas) or ``"auto"``: on SD-style
-    models rho on deterministic runs and x0-weight on stochastic ones, on flow models step-length; stochastic runs
-    alternate skip / compute with a computed tail above half the budget (:func:`computed_steps`). Every ``auto``
+    models rho on deterministic runs and x0-weight on stochastic ones, on flow models step-length; the computed steps
+    are spread as evenly along that axis as the schedule allows, by one rule at every budget
+    (:func:`computed_steps`). Every ``auto``
     choice was measured (docs/method-notes.md). The plan depends only on the run's sampler, schedule and steps, and
     each image's forecast only on its own predictions: an image is the same whatever batch it is in.
     """
@@ -249,8 +256,7 @@ class Forecast(Oracle):
                 kind = "a DPM++ SDE sampler" if dpm_solver else "a stochastic sampler"
                 self.overrides.append((0, f"level {self.level!r} spends {budget} of full CFG's NFE on {run.sampler} "
                                           f"({kind}; {level_budget(self.level, False, False)} on deterministic ones)"))
-        alternate = run.stochastic if self.placement == "auto" else None
-        self.plan = computed_steps(run.steps, budget, self._warmup, sigmas, placement, alternate)
+        self.plan = computed_steps(run.steps, budget, self._warmup, sigmas, placement)
         if len(self.plan) > budget * run.steps + 1e-9:
             self.overrides.append((0, f"budget {budget} raised to {len(self.plan)}/{run.steps} computed steps: "
                                       f"a {run.steps}-step run needs warm-up ({self._warmup}) and the last step"))
