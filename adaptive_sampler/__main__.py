@@ -297,6 +297,29 @@ def cmd_bench_samplers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_schedules(args: argparse.Namespace) -> int:
+    from .lab import schedule_grid as G
+    from .lab.experiment import embedded_target
+
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.steps, args.images, args.sd_schedules = [10], 4, ["karras"]
+        args.flow_families, args.flow_shifts = ["karras"], [3.0]
+    targets = []
+    if "sd" in args.families:
+        targets.append(("sd", embedded_target("sd"), args.sd_schedules, args.scales))
+    if "flow" in args.families:
+        families = [None if family == "simple" else family for family in args.flow_families]
+        targets.append(("flow", embedded_target("flow"), G.flow_grid_schedules(args.flow_shifts, families),
+                        args.flow_scales))
+    cells = G.run_grid(targets, args.steps, args.images)
+    command = "python -m adaptive_sampler bench-schedules " + " ".join(sys.argv[2:])
+    md, js, png = G.write(cells, Path(args.out), command.strip())
+    print(G.summary(cells))
+    print(f"wrote {md}, {js}, {png}")
+    return 0
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     import json
 
@@ -329,7 +352,8 @@ def _command(sub, name: str, summary: str, *details: str, **kwargs) -> argparse.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .lab.experiment import FAMILIES, FLOW_SCHEDULES, SAMPLER_VARIANTS, SCHEDULES
+    from .lab.experiment import (FAMILIES, FLOW_SCHEDULE_FAMILIES, FLOW_SCHEDULES, SAMPLER_VARIANTS, SCHEDULES,
+                                 SD_SCHEDULES)
     from .sampling import SAMPLERS
 
     parser = argparse.ArgumentParser(
@@ -454,6 +478,32 @@ def build_parser() -> argparse.ArgumentParser:
     matrix.add_argument("--images", type=_positive_int, default=64)
     matrix.add_argument("--threads", type=_positive_int, default=2)
 
+    from .lab.schedule_grid import FLOW_GRID_FAMILIES, FLOW_GRID_SHIFTS, SD_GRID_SCHEDULES
+
+    grid = _command(
+        sub, "bench-schedules", "the default over budgets 25-90%% and every schedule family the hosts offer, against "
+        "fewer steps and Spectrum; about 45 minutes on 2 idle cores; writes schedules.md / .json / .png",
+        "Every sampler variant x schedule family x steps x scale of both model families (the flow model at shifts "
+        "1, 3 and 6), on --images seeded images: Forecast at each budget from 25%% to 90%% of full CFG's NFE against "
+        "full CFG on as many steps, and Spectrum at its defaults against Forecast at Spectrum's NFE. The report "
+        "reads monotonicity (a higher budget never more than 0.5 dB worse), each level's wins and the worst cells.",
+        "Writes into --out (default out/): schedules.md, schedules.json and schedules.png (the committed run is in "
+        "docs/bench/). --quick is a smoke run of a few seconds.")
+    grid.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
+    grid.add_argument("--out", default="out", help="output folder (default: out/)")
+    grid.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
+    grid.add_argument("--sd-schedules", nargs="+", choices=list(SD_SCHEDULES), default=list(SD_GRID_SCHEDULES),
+                      help="schedule families of the SD-style model ('default' is its own)")
+    grid.add_argument("--flow-families", nargs="+", choices=["simple", *FLOW_SCHEDULE_FAMILIES],
+                      default=["simple" if f is None else f for f in FLOW_GRID_FAMILIES],
+                      help="schedule families of the flow model ('simple' is its own)")
+    grid.add_argument("--flow-shifts", type=_scale, nargs="+", default=list(FLOW_GRID_SHIFTS))
+    grid.add_argument("--steps", type=_positive_int, nargs="+", default=[20, 30])
+    grid.add_argument("--scales", type=_scale, nargs="+", default=[3.0, 7.0])
+    grid.add_argument("--flow-scales", type=_scale, nargs="+", default=[3.0, 5.0])
+    grid.add_argument("--images", type=_positive_int, default=8)
+    grid.add_argument("--threads", type=_positive_int, default=1)
+
     from .lab.tune import KNOBS
 
     tune = _command(
@@ -487,7 +537,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"demo": cmd_demo, "calibrate-linear-ag": cmd_calibrate, "bench": cmd_bench,
-                    "bench-samplers": cmd_bench_samplers, "tune": cmd_tune}
+                    "bench-samplers": cmd_bench_samplers, "bench-schedules": cmd_bench_schedules, "tune": cmd_tune}
         return commands[args.command](args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

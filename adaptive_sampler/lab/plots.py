@@ -82,3 +82,46 @@ def run_plot(decisions: Sequence[Decision], gammas: Sequence[float | None], ag_t
     axes[3].set_ylim(-0.5, 1.5)
     axes[3].set_xlabel("step")
     return _save(fig, path)
+
+
+def schedule_sweep_figure(cells: Sequence, path: str | Path) -> Path:
+    """One row per model, one panel per schedule family: mean PSNR against full CFG over the family's cells against
+    the NFE ratio, for the default's budget sweep, fewer steps at the same NFE and Spectrum (with ours at its NFE)."""
+    from .schedule_grid import _family
+
+    models = sorted({c.model for c in cells})
+    families = {m: sorted({_family(c.schedule) for c in cells if c.model == m}) for m in models}
+    columns = max(len(f) for f in families.values())
+    fig, axes = plt.subplots(len(models), columns, figsize=(2.9 * columns, 2.8 * len(models)), squeeze=False,
+                             sharey="row")
+    for row, model in enumerate(models):
+        for col in range(columns):
+            ax = axes[row][col]
+            if col >= len(families[model]):
+                ax.axis("off")
+                continue
+            family = families[model][col]
+            group = [c for c in cells if c.model == model and _family(c.schedule) == family]
+
+            def mean(values):
+                return sum(values) / len(values)
+
+            budgets = group[0].budgets
+            ours = [mean([c.psnr[k] for c in group]) for k in range(len(budgets))]
+            ratios = [mean([c.nfe_ratios[k] for c in group]) for k in range(len(budgets))]
+            fewer = [mean([c.fewer_psnr[k] for c in group]) for k in range(len(budgets))]
+            ax.plot(ratios, ours, "o-", ms=3, color="#1f77b4", label="default (budget sweep)")
+            ax.plot(ratios, fewer, "s--", ms=3, color="#7f7f7f", label="fewer steps")
+            ax.plot([mean([c.spectrum_ratio for c in group])], [mean([c.spectrum_psnr for c in group])], "^",
+                    color="#d62728", label="Spectrum (its defaults)")
+            ax.plot([mean([c.spectrum_ratio for c in group])], [mean([c.ours_at_spectrum_psnr for c in group])], "*",
+                    ms=9, color="#1f77b4", label="default at Spectrum's NFE")
+            ax.set_title(f"{model}: {family} ({len(group)} cells)", fontsize=8)
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=7)
+            if col == 0:
+                ax.set_ylabel("PSNR vs full CFG (dB)", fontsize=8)
+            if row == len(models) - 1:
+                ax.set_xlabel("NFE / full CFG's", fontsize=8)
+    axes[0][0].legend(fontsize=6, loc="lower right")
+    return _save(fig, path)
