@@ -84,7 +84,7 @@ def test_runtime_imports_nothing_from_the_lab(name):
 
 #: The host modules: each is one host's glue. The other modules under ``hosts/`` are shared helpers (what the
 #: A1111-family hosts share, what the ComfyUI-style backends share), which hosts may use and which use no host.
-HOSTS = {f"adaptive_sampler.hosts.{name}" for name in ("a1111", "comfyui", "forge")}
+HOSTS = {f"adaptive_sampler.hosts.{name}" for name in ("a1111", "comfyui", "diffusers", "forge")}
 SHARED = {n for n in MODULES if n.startswith("adaptive_sampler.hosts.") and n not in HOSTS}
 
 
