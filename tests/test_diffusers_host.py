@@ -331,6 +331,20 @@ def test_full_cfg_through_the_host_is_plain_diffusers(name):
     assert not attached(pipe) and torch.equal(run(pipe, args), plain)
 
 
+@pytest.mark.parametrize("name", ["sd3", "flux-true-cfg"])
+def test_a_bfloat16_pipeline(name):
+    """Pipelines usually run in half precision: forecasts are handed back in the denoiser's own dtype."""
+    pipe, args = PIPELINES[name][0]()
+    pipe.to(torch.bfloat16)
+    args = {k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    full, other_seed = run(pipe, args).float(), run(pipe, args, seed=2).float()
+    with adaptive.enabled(pipe) as adapter:
+        adapted = run(pipe, args)
+    assert adapted.dtype == torch.bfloat16
+    assert adapter.report.nfe < adapter.report.nfe_full
+    assert psnr(adapted.float(), full, full) > psnr(other_seed, full, full) + 25
+
+
 SD_SCHEDULERS = {
     "euler-ancestral": (EulerAncestralDiscreteScheduler, {}, {}),
     "lms": (LMSDiscreteScheduler, {}, {}),
