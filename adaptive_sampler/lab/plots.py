@@ -84,13 +84,12 @@ def run_plot(decisions: Sequence[Decision], gammas: Sequence[float | None], ag_t
     return _save(fig, path)
 
 
-def schedule_sweep_figure(cells: Sequence, path: str | Path) -> Path:
-    """One row per model, one panel per schedule family: mean PSNR against full CFG over the family's cells against
-    the NFE ratio, for the default's budget sweep, fewer steps at the same NFE and Spectrum (with ours at its NFE)."""
-    from .schedule_grid import _family
-
-    models = sorted({c.model for c in cells})
-    families = {m: sorted({_family(c.schedule) for c in cells if c.model == m}) for m in models}
+def schedule_sweep_figure(groups: dict[str, dict[str, Sequence]], path: str | Path) -> Path:
+    """One row per model, one panel per schedule family (``groups``: model -> family -> its sweep cells): mean PSNR
+    against full CFG over the family's cells against the NFE ratio, for the default's budget sweep, fewer steps at
+    the same NFE and Spectrum (with ours at its NFE)."""
+    models = sorted(groups)
+    families = {m: sorted(groups[m]) for m in models}
     columns = max(len(f) for f in families.values())
     fig, axes = plt.subplots(len(models), columns, figsize=(2.9 * columns, 2.8 * len(models)), squeeze=False,
                              sharey="row")
@@ -101,7 +100,7 @@ def schedule_sweep_figure(cells: Sequence, path: str | Path) -> Path:
                 ax.axis("off")
                 continue
             family = families[model][col]
-            group = [c for c in cells if c.model == model and _family(c.schedule) == family]
+            group = groups[model][family]
 
             def mean(values):
                 return sum(values) / len(values)

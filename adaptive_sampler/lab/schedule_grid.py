@@ -23,6 +23,7 @@ from ..oracles.forecast import integrates_in_log_sigma, level_budget
 from .experiment import SAMPLER_VARIANTS, Target, generate_variant, variants_for
 from .metrics import psnr
 from .peers import SpectrumRule
+from .plots import schedule_sweep_figure
 
 #: The budget sweep: 25% to 90% of full CFG's NFE in steps of 5%.
 BUDGETS = tuple(round(0.25 + 0.05 * k, 2) for k in range(14))
@@ -184,8 +185,6 @@ def worst_cells(cells: Sequence[SweepCell], count: int = 15) -> str:
 
 def write(cells: Sequence[SweepCell], out_dir: Path, command: str) -> tuple[Path, Path, Path]:
     """``schedules.md``, ``schedules.json`` and the figure ``schedules.png`` under ``out_dir``."""
-    from .plots import schedule_sweep_figure
-
     out_dir.mkdir(parents=True, exist_ok=True)
     md, js, png = out_dir / "schedules.md", out_dir / "schedules.json", out_dir / "schedules.png"
     md.write_text("## The default across budgets and schedule families\n\n"
@@ -197,7 +196,10 @@ def write(cells: Sequence[SweepCell], out_dir: Path, command: str) -> tuple[Path
                   + ").\n\n" + summary(cells) + "\n### The worst cells\n\n" + worst_cells(cells)
                   + "\n![PSNR against NFE per schedule family](schedules.png)\n")
     js.write_text(json.dumps([asdict(c) for c in cells], indent=0) + "\n")
-    schedule_sweep_figure(cells, png)
+    groups: dict[str, dict[str, list[SweepCell]]] = {}
+    for c in cells:
+        groups.setdefault(c.model, {}).setdefault(_family(c.schedule), []).append(c)
+    schedule_sweep_figure(groups, png)
     return md, js, png
 
 
