@@ -3,6 +3,8 @@
 import base64
 import io
 import json
+import os
+import shlex
 import socket
 import subprocess
 import time
@@ -16,6 +18,8 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+#: Builds the suites' tiny random-weight checkpoints, run with a host's own Python against its own model classes.
+BUILDER = REPO / "tests" / "hosts" / "build_models.py"
 
 #: The A1111-family extension (A1111, Forge Neo): its samplers, their built-in counterparts, its accordion's title.
 ADAPTIVE = ["Euler Adaptive", "Euler a Adaptive", "DPM++ 2M Adaptive", "DPM++ 2M SDE Adaptive", "DDIM Adaptive"]
@@ -68,6 +72,32 @@ def running_server(name: str, command: Sequence[str], cwd: Path, log_path: Path,
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def builder_command(python, command: str, *args) -> list[str]:
+    """The command line that builds a suite's random checkpoints (``tests/hosts/build_models.py``) with ``python``,
+    the host's own interpreter."""
+    return [str(python), str(BUILDER), command, *map(str, args)]
+
+
+def ensure_built(paths: Sequence[Path], command: Sequence[str], log_path: Path) -> str | None:
+    """Build the missing ones of ``paths`` (a suite's random checkpoints) by running ``command`` (see
+    :func:`builder_command`), its output in ``log_path``. Returns None when they are all there, or the reason they
+    are not (naming the command) when it cannot run: ``HOST_SUITE_BUILD=0`` or no host interpreter; the caller skips
+    with it. A build that fails fails the suite, naming its log."""
+    missing = [str(p) for p in paths if not Path(p).exists()]
+    if not missing:
+        return None
+    shown = shlex.join(command)
+    if os.environ.get("HOST_SUITE_BUILD", "1") == "0" or not Path(command[0]).exists():
+        return f"{', '.join(missing)} not found; build with: {shown}"
+    print(f"\nbuilding {', '.join(missing)}: {shown} (log: {log_path})", flush=True)
+    with open(log_path, "w") as log:
+        rc = subprocess.run(list(command), cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
+    still = [p for p in missing if not Path(p).exists()]
+    if rc != 0 or still:
+        pytest.fail(f"{shown} failed (exit {rc}); see {log_path}")
+    return None
 
 
 # -- the A1111-family HTTP API (A1111 and Forge) ----------------------------------------------------------------------
@@ -132,6 +162,15 @@ def psnr_db(a, b):
 PROMPT_LIST = REPO / "tests" / "webui" / "prompt_list"
 #: Prompts for the "alone vs in a batch" cases.
 BATCH_PROMPTS = ["a red apple", "a blue car on a road", "a green tree", "a yellow house at night"]
+#: Every prompt the A1111-family suites send, and the one a rebuilt checkpoint once turned into NaN under plain Euler
+#: (random weights, not our extension): the checkpoint must give a finite picture for each before any case counts.
+SUITE_PROMPTS = ["a red apple", "[a red apple:a green pear:0.5] AND a table",
+                 "a red apple AND a wooden table:0.6 AND a lamp:0.8", *BATCH_PROMPTS[1:], "a red [cat:dog:0.5]"]
+
+
+def not_finite(images, prompts):
+    """The prompts whose picture is black or flat: what A1111 and Forge make of a NaN latent."""
+    return [p for image, p in zip(images, prompts) if image.max() == 0 or image.std() == 0]
 
 
 def prompt_list(prompts):

@@ -3,7 +3,8 @@
 
 The server runs on 127.0.0.1 on the CPU with ``HF_HUB_OFFLINE=1``: nothing is downloaded. ``COMFYUI_DIR`` names the
 ComfyUI checkout, ``COMFYUI_PYTHON`` (default ``$COMFYUI_DIR/venv/bin/python``) its interpreter and ``COMFYUI_ARGS``
-extra flags.
+extra flags. The random checkpoints the suites run on are built with that interpreter by
+``tests/hosts/build_models.py`` when they are missing (``HOST_SUITE_BUILD=0``: skip, naming the command).
 """
 
 import io
@@ -28,12 +29,17 @@ from host_suite import free_port, link_to_this_repository, running_server
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 
 
+def comfyui_python() -> str:
+    """ComfyUI's interpreter: ``COMFYUI_PYTHON``, default ``$COMFYUI_DIR/venv/bin/python``."""
+    return os.environ.get("COMFYUI_PYTHON", str(Path(COMFYUI_DIR) / "venv" / "bin" / "python"))
+
+
 @contextmanager
 def comfyui_server(log_path: Path) -> Iterator[dict]:
     """A running ComfyUI with this repository linked into ``custom_nodes/``: ``{"url", "log", "root"}``."""
     root = Path(COMFYUI_DIR)
     link_to_this_repository(root / "custom_nodes" / "adaptive-sampler")
-    python = os.environ.get("COMFYUI_PYTHON", str(root / "venv" / "bin" / "python"))
+    python = comfyui_python()
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         args = ["main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",

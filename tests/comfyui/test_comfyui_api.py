@@ -1,10 +1,11 @@
 """Integration suite against a real ComfyUI, through its HTTP API (``/prompt``, ``/history``, ``/view``).
 
-Runs only when ``COMFYUI_DIR`` names a ComfyUI checkout with a checkpoint in ``models/checkpoints`` (a random-weight
-SD-1.5 checkpoint is enough, provided its zero-initialised output layers were given random values; the suite checks
-that two samplers give different pictures). ComfyUI is started headless on 127.0.0.1 on the CPU with this
-repository linked into ``custom_nodes/`` (``comfyui_client.py``: ``COMFYUI_PYTHON``, ``COMFYUI_ARGS``);
-``COMFYUI_CKPT`` is the checkpoint's file name (default: the first ``*.safetensors``). The same checkpoint behind
+Runs only when ``COMFYUI_DIR`` names a ComfyUI checkout. It runs on ``models/checkpoints/random-sd15.safetensors``,
+a random-weight SD-1.5 checkpoint built with ComfyUI's own interpreter and classes when it is missing (``python
+tests/hosts/build_models.py sd15 --comfyui-dir $COMFYUI_DIR --out $COMFYUI_DIR/models/checkpoints/random-sd15.safetensors``:
+its zero-initialised output layers get random values; the suite checks that two samplers give different pictures);
+``COMFYUI_CKPT`` names another checkpoint there. ComfyUI is started headless on 127.0.0.1 on the CPU with this
+repository linked into ``custom_nodes/`` (``comfyui_client.py``: ``COMFYUI_PYTHON``, ``COMFYUI_ARGS``). The same checkpoint behind
 ComfyUI's ModelSamplingSD3 / ModelSamplingFlux / ModelSamplingAuraFlow nodes is sampled as a flow model (``CONST``).
 Slow on a CPU: seconds to minutes per picture. Results (NFE, PSNR, time per sampler) are printed and written to
 ``tests/comfyui/comfyui_results.json``.
@@ -17,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from comfyui_client import (COMFYUI_DIR, comfyui_server, decisions, images, nfe, object_info, ok, promised_nfe,
-                            psnr, report, seconds, submit)
+from comfyui_client import (COMFYUI_DIR, comfyui_python, comfyui_server, decisions, images, nfe, object_info, ok,
+                            promised_nfe, psnr, report, seconds, submit)
+from host_suite import builder_command, ensure_built
 
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set: no real ComfyUI to test against")
 
@@ -31,13 +33,21 @@ DEFAULT_WIDGETS = {**NODE_DEFAULTS, "min_steps": 1}  # the defaults, adapting th
 RESULTS: dict = {}
 
 
+#: The checkpoint's file name in models/checkpoints: the random SD 1.5 built by tests/hosts/build_models.py.
+CKPT = os.environ.get("COMFYUI_CKPT", "random-sd15.safetensors")
+
+
 @pytest.fixture(scope="module")
 def server():
-    checkpoints = sorted((Path(COMFYUI_DIR) / "models" / "checkpoints").glob("*.safetensors"))
-    if not checkpoints:
-        pytest.skip("no checkpoint in $COMFYUI_DIR/models/checkpoints")
+    path = Path(COMFYUI_DIR) / "models" / "checkpoints" / CKPT
+    command = builder_command(comfyui_python(), "sd15", "--comfyui-dir", COMFYUI_DIR, "--out", path)
+    if "COMFYUI_CKPT" in os.environ and not path.exists():
+        pytest.skip(f"{path} not found")
+    reason = ensure_built([path], command, HERE / "comfyui_build.log")
+    if reason:
+        pytest.skip(reason)
     with comfyui_server(HERE / "comfyui_server.log") as server:
-        yield {**server, "ckpt": os.environ.get("COMFYUI_CKPT", checkpoints[0].name)}
+        yield {**server, "ckpt": CKPT}
     if RESULTS:
         (HERE / "comfyui_results.json").write_text(json.dumps(RESULTS, indent=1))
         print("\nComfyUI results:", json.dumps(RESULTS, indent=1))

@@ -8,8 +8,10 @@ Model + Load CLIP / DualCLIPLoader + Load VAE), through the HTTP API.
 * an **SDXL**-family UNet (ComfyUI detects it as SDXL's Segmind-Vega layout; pooled CLIP-G text and size
   conditioning through CLIPTextEncodeSDXL).
 
-The files are expected under ``$COMFYUI_DIR/models`` with the names in :data:`MODELS`; an architecture whose files
-are absent is skipped, naming them. The diffusion models are small (hidden size 128, one or two blocks; the SDXL
+The files are expected under ``$COMFYUI_DIR/models`` with the names in :data:`MODELS`; missing ones are built first
+with ComfyUI's own interpreter and model classes (``python tests/hosts/build_models.py comfyui --comfyui-dir
+$COMFYUI_DIR``, a few minutes); with ``HOST_SUITE_BUILD=0`` an architecture whose files are absent is skipped, naming
+them and that command. The diffusion models are small (hidden size 128, one or two blocks; the SDXL
 UNet at width 320) with text inputs of CLIP-L's width, so one random CLIP-L conditions Flux, SD3 and Wan; the text
 encoders themselves are full size (ComfyUI builds them from fixed configs). Built with ComfyUI's own model classes,
 every weight random, the output layer scaled to a prediction spread of about 1. Results are written to
@@ -22,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from comfyui_client import (COMFYUI_DIR, comfyui_server, decisions, images, nfe, object_info, ok, promised_nfe,
-                            psnr, report, seconds)
+from comfyui_client import (COMFYUI_DIR, comfyui_python, comfyui_server, decisions, images, nfe, object_info, ok,
+                            promised_nfe, psnr, report, seconds)
+from host_suite import builder_command, ensure_built
 
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set: no real ComfyUI to test against")
 
@@ -56,8 +59,14 @@ def files(arch):
     return [Path(COMFYUI_DIR) / "models" / folder / name for folder, name in names]
 
 
+def build_command():
+    return builder_command(comfyui_python(), "comfyui", "--comfyui-dir", COMFYUI_DIR)
+
+
 @pytest.fixture(scope="module")
 def server():
+    # built before the server starts: ComfyUI lists its model folders at start
+    ensure_built([f for arch in MODELS for f in files(arch)], build_command(), HERE / "comfyui_models_build.log")
     with comfyui_server(HERE / "comfyui_models_server.log") as server:
         yield server
     if RESULTS:
@@ -69,7 +78,7 @@ def server():
 def arch(request, server):
     missing = [str(f) for f in files(request.param) if not f.exists()]
     if missing:
-        pytest.skip(f"{request.param}: {', '.join(missing)} not found")
+        pytest.skip(f"{request.param}: {', '.join(missing)} not found; build with: {' '.join(build_command())}")
     return request.param
 
 
