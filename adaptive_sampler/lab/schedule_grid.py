@@ -161,6 +161,27 @@ def _goals(rows: Sequence[SweepCell]) -> str:
     return f"{monotone}/{len(rows)} | {worst:.1f} | " + " | ".join(wins) + f" | {spectrum}/{len(rows)}"
 
 
+def levels_table(cells: Sequence[SweepCell], model: str) -> str:
+    """The one knob over every schedule family of one model: per level and sampler family, the budget, the mean
+    PSNR against full CFG and the cells where it beats fewer steps at equal NFE."""
+    families = [f for f in ("deterministic", "stochastic", "DPM++ SDE") if any(c.sampler_family == f for c in cells)]
+    out = ["| level | " + " | ".join(families) + " |", "|---|" + "---|" * len(families)]
+    for level in O.LEVELS:
+        row = []
+        for family in families:
+            rows = [c for c in cells if c.model == model and c.sampler_family == family]
+            if not rows:
+                row.append("–")
+                continue
+            pairs = [c.at(c.levels[level]) for c in rows]
+            mean = sum(ours for ours, _ in pairs) / len(pairs)
+            wins = sum(ours > fewer for ours, fewer in pairs)
+            row.append(f"{rows[0].levels[level]:.0%} · {mean:.1f} dB · {wins}/{len(rows)}")
+        name = f"**`{level}`**" if level == O.DEFAULT_LEVEL else f"`{level}`"
+        out.append(f"| {name} | " + " | ".join(row) + " |")
+    return "\n".join(out) + "\n"
+
+
 def worst_cells(cells: Sequence[SweepCell], count: int = 15) -> str:
     """The cells with the largest drop, the largest losses to fewer steps at the default and to Spectrum."""
     def label(c: SweepCell) -> str:
@@ -193,7 +214,11 @@ def write(cells: Sequence[SweepCell], out_dir: Path, command: str) -> tuple[Path
                   "steps as it computed; Spectrum at its defaults against `Forecast` at Spectrum's NFE. A level "
                   "spends its budget for the sampler family (deterministic / stochastic / DPM++ SDE: "
                   + ", ".join(f"`{level}` {'/'.join(f'{b:.0%}' for b in O.LEVELS[level])}" for level in O.LEVELS)
-                  + ").\n\n" + summary(cells) + "\n### The worst cells\n\n" + worst_cells(cells)
+                  + ").\n\n" + summary(cells)
+                  + "".join(f"\nThe levels on the {model} model over every schedule family (budget · mean PSNR · cells "
+                            f"above fewer steps):\n\n" + levels_table(cells, model)
+                            for model in sorted({c.model for c in cells}))
+                  + "\n### The worst cells\n\n" + worst_cells(cells)
                   + "\n![PSNR against NFE per schedule family](schedules.png)\n")
     js.write_text(json.dumps([asdict(c) for c in cells], indent=0) + "\n")
     groups: dict[str, dict[str, list[SweepCell]]] = {}
