@@ -168,6 +168,25 @@ SUITE_PROMPTS = ["a red apple", "[a red apple:a green pear:0.5] AND a table",
                  "a red apple AND a wooden table:0.6 AND a lamp:0.8", *BATCH_PROMPTS[1:], "a red [cat:dog:0.5]"]
 
 
+#: Settings tried in turn, per mode, until the images of a batch of BATCH_PROMPTS spend different NFE, which the
+#: per-image cases need in order to mean anything; which threshold splits them depends on the random checkpoint.
+SPLITTING = {"ag": [dict(ag_threshold=t) for t in (0.995, 0.99, 0.998, 0.98, 0.999, 0.97, 0.95)],
+             "adaptive-diffusion": [dict(ad_threshold=t) for t in (0.15, 0.1, 0.2, 0.05, 0.3, 0.02)]}
+
+
+def splitting_setting(run, mode):
+    """The first setting of ``SPLITTING[mode]`` under which ``run(setting)`` (the batch of BATCH_PROMPTS:
+    ``(images, infotexts, [(used, full) per image])``) gives images that spend different NFE: ``(setting, that
+    run's result)``; fails listing what each setting spent when none does."""
+    tried = []
+    for setting in SPLITTING[mode]:
+        result = run(setting)
+        if len(set(result[2])) > 1:
+            return setting, result
+        tried.append((setting, result[2]))
+    pytest.fail(f"{mode}: no setting makes the batch's images decide differently: {tried}")
+
+
 def not_finite(images, prompts):
     """The prompts whose picture is black or flat: what A1111 and Forge make of a NaN latent."""
     return [p for image, p in zip(images, prompts) if image.max() == 0 or image.std() == 0]

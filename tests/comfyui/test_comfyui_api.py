@@ -2,11 +2,12 @@
 
 Runs only when ``COMFYUI_DIR`` names a ComfyUI checkout. It runs on ``models/checkpoints/random-sd15.safetensors``,
 a random-weight SD-1.5 checkpoint built with ComfyUI's own interpreter and classes when it is missing (``python
-tests/hosts/build_models.py sd15 --comfyui-dir $COMFYUI_DIR --out $COMFYUI_DIR/models/checkpoints/random-sd15.safetensors``:
-its zero-initialised output layers get random values; the suite checks that two samplers give different pictures);
-``COMFYUI_CKPT`` names another checkpoint there. ComfyUI is started headless on 127.0.0.1 on the CPU with this
-repository linked into ``custom_nodes/`` (``comfyui_client.py``: ``COMFYUI_PYTHON``, ``COMFYUI_ARGS``). The same checkpoint behind
-ComfyUI's ModelSamplingSD3 / ModelSamplingFlux / ModelSamplingAuraFlow nodes is sampled as a flow model (``CONST``).
+tests/hosts/build_models.py sd15 --comfyui-dir $COMFYUI_DIR --out
+$COMFYUI_DIR/models/checkpoints/random-sd15.safetensors``: its zero-initialised output layers get random values; the
+suite checks that two samplers give different pictures); ``COMFYUI_CKPT`` names another checkpoint there. ComfyUI is
+started headless on 127.0.0.1 on the CPU with this repository linked into ``custom_nodes/`` (``comfyui_client.py``:
+``COMFYUI_PYTHON``, ``COMFYUI_ARGS``). The same checkpoint behind ComfyUI's ModelSamplingSD3 / ModelSamplingFlux /
+ModelSamplingAuraFlow nodes is sampled as a flow model (``CONST``).
 Slow on a CPU: seconds to minutes per picture. Results (NFE, PSNR, time per sampler) are printed and written to
 ``tests/comfyui/comfyui_results.json``.
 """

@@ -29,11 +29,12 @@ intended family.
 (``$X_PYTHON``: the host's interpreter, by default ``$X_DIR/venv/bin/python``.) The suites run these themselves when
 a file they need is missing (``HOST_SUITE_BUILD=0``: they skip instead, naming the command).
 
-Every file is built from fixed seeds; an existing file is kept unless ``--force`` is given. The SD-1.5 checkpoint is checked: its CLIP gives finite, bounded hidden states
-(last and penultimate layer: clip skip 1 and 2) for every prompt the suites send, prompt-editing and AND halves
-included, and plain full-CFG Euler over 12 steps gives a finite picture for several of them (a random CLIP whose
-activations grow layer by layer gives NaN for some prompts and not others: a suite must not depend on one lucky
-prompt). ``sd15 --check-only`` checks an existing checkpoint the same way.
+Every file is built from fixed seeds; an existing file is kept unless ``--force`` is given. The SD-1.5 checkpoint is
+checked: its CLIP gives finite, bounded hidden states (last and penultimate layer: clip skip 1 and 2) for every
+prompt the suites send, prompt-editing and AND halves included, and plain full-CFG Euler over 12 steps gives a
+finite picture for several of them (a random CLIP whose activations grow layer by layer gives NaN for some prompts
+and not others: a suite must not depend on one lucky prompt). ``sd15 --check-only`` checks an existing checkpoint
+the same way.
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ def randomize(module, seed: int) -> None:
             leaf = name.rsplit(".", 1)[-1]
             if leaf in ("bias", "beta") or (p.ndim == 1 and leaf.endswith("_bias")):
                 value = torch.randn(p.shape, generator=g) * 0.02
-            elif leaf in ("weight", "scale", "gamma") and (p.ndim == 1 or (leaf == "gamma" and p.numel() == p.shape[0])):
+            elif leaf in ("weight", "scale", "gamma") and (p.ndim == 1 or
+                                                            (leaf == "gamma" and p.numel() == p.shape[0])):
                 value = 1 + torch.randn(p.shape, generator=g) * 0.02
             elif "position_embedding" in name:
                 value = torch.randn(p.shape, generator=g) * 0.01
@@ -324,8 +326,8 @@ def check_comfy_clip_finite(paths: list[Path], clip_type: str, prompts=SD15_PROM
     import torch
     import comfy.sd
     # as Load CLIP / DualCLIPLoader map their type (sdxl: STABLE_DIFFUSION with two files)
-    clip = comfy.sd.load_clip([str(p) for p in paths],
-                              clip_type=getattr(comfy.sd.CLIPType, clip_type.upper(), comfy.sd.CLIPType.STABLE_DIFFUSION))
+    kind = getattr(comfy.sd.CLIPType, clip_type.upper(), comfy.sd.CLIPType.STABLE_DIFFUSION)
+    clip = comfy.sd.load_clip([str(p) for p in paths], clip_type=kind)
     worst = 0.0
     for prompt in prompts:
         cond, pooled = clip.encode_from_tokens(clip.tokenize(prompt), return_pooled=True)
@@ -446,9 +448,10 @@ def sd_sigmas(steps: int):
 
 def check_sd15_prompts(encode, eps, decode, prompts=SD15_PROMPTS, sampled=SD15_SAMPLED, steps: int = 12,
                        cfg: float = 5.0) -> None:
-    """For each of ``prompts``, ``encode(prompt, layer)`` (CLIP's last layer, -1, and the penultimate one, -2: clip
-    skip 2) is finite and bounded; for each of ``sampled``, Euler with full CFG over ``steps`` steps at 64x64 (``eps(x, t, context)``: the UNet's
-    noise prediction; ``decode(latent)``: the VAE) gives a finite latent and picture."""
+    """For each of ``prompts``, ``encode(prompt, layer)`` (CLIP's last layer, -1, and the penultimate one, -2: clip skip
+    2) is finite and bounded; for each of ``sampled``, Euler with full CFG over ``steps`` steps at 64x64
+    (``eps(x, t, context)``: the UNet's noise prediction; ``decode(latent)``: the VAE) gives a finite latent and
+    picture."""
     import torch
     timesteps, sigmas = sd_sigmas(steps)
     negative = encode("blurry", -1)
@@ -666,6 +669,11 @@ def build_forge_lumina2(forge_dir: str, out: Path, force: bool) -> None:
     from backend.nn.llm.llama import Gemma2_2B
     from backend.nn.lumina import NextDiT
     from backend.nn.vae import IntegratedAutoencoderKL
+    from backend.operations import using_forge_operations
+    try:  # as Forge's loader (transformers 4.x; a 5.x moved it: building is then only slower)
+        from transformers.modeling_utils import no_init_weights
+    except ImportError:
+        from contextlib import nullcontext as no_init_weights
     repo = root / "backend" / "huggingface" / "neta-art" / "Neta-Lumina"
     log(f"Lumina 2 (Forge Neo's classes) -> {out}")
     width = 2304
@@ -683,22 +691,27 @@ def build_forge_lumina2(forge_dir: str, out: Path, force: bool) -> None:
     sd = {f"model.diffusion_model.{k}": v.to(torch.bfloat16) for k, v in dit.state_dict().items()}
     sd.update({f"vae.{k}": v for k, v in vae.state_dict().items()})
     del dit, vae
-    # Gemma-2-2B: built without storage and randomised tensor by tensor straight into float8 (fp32 would take
-    # 10 GB). Its RMSNorm scales by (1 + weight): norm weights around 0.
-    with torch.device("meta"):
+    # Gemma-2-2B, as Forge's loader builds it (its operations, float8 storage: fp32 would take 10 GB), randomised
+    # tensor by tensor. Its RMSNorm scales by (1 + weight): norm weights around 0.
+    with no_init_weights(), using_forge_operations(device=torch.device("cpu"), dtype=torch.float8_e4m3fn,
+                                                   manual_cast_enabled=True):
         gemma = Gemma2_2B({})
+    # Forge's Linear holds no weight until one is loaded (its shape is its in/out features; Gemma has no biases).
+    shapes = {name: tuple(p.shape) for name, p in gemma.named_parameters()}
+    shapes.update({f"{name}.weight": (m.out_features, m.in_features) for name, m in gemma.named_modules()
+                   if getattr(m, "weight", 0) is None and hasattr(m, "in_features")})
     gen = torch.Generator().manual_seed(SEEDS["forge-lumina2"] + 1)
-    for name, p in gemma.named_parameters():
-        if p.ndim == 1:
-            value = torch.randn(p.shape, generator=gen) * 0.02
-        elif "embed_tokens" in name:
-            value = torch.randn(p.shape, generator=gen) * 0.02
+    for name, shape in shapes.items():
+        if len(shape) == 1 or "embed_tokens" in name:
+            value = torch.randn(shape, generator=gen) * 0.02
         else:
-            bound = 1 / math.sqrt(p.shape[1])
-            value = (torch.rand(p.shape, generator=gen) * 2 - 1) * bound
-        sd[f"text_encoders.gemma2_2b.transformer.{name}"] = value.to(torch.float8_e4m3fn if p.ndim > 1 else
-                                                                     torch.bfloat16)
+            bound = 1 / math.sqrt(shape[1])
+            value = (torch.rand(shape, generator=gen) * 2 - 1) * bound
+        sd[f"text_encoders.gemma2_2b.transformer.{name}"] = value.to(torch.float8_e4m3fn)
         del value
+    del gemma
+    if len(shapes) < 26 * 11:
+        raise RuntimeError(f"Gemma-2-2B: only {len(shapes)} tensors")
     save(sd, out)
     guess = huggingface_guess.guess({k: v for k, v in sd.items()})
     if type(guess).__name__ != "Lumina2":
