@@ -498,8 +498,15 @@ def hf_clip_encoder(clip):
         out = clip(input_ids=clip_tokens(prompt), output_hidden_states=layer != -1)
         if layer == -1:
             return out.last_hidden_state
-        return clip.text_model.final_layer_norm(out.hidden_states[layer])
+        return getattr(clip, "text_model", clip).final_layer_norm(out.hidden_states[layer])
     return encode
+
+
+def hf_clip_checkpoint_keys(clip) -> dict:
+    """A transformers CLIPTextModel's tensors under SD 1.5's ``cond_stage_model.transformer.text_model.`` (a
+    transformers 5.x model has no ``text_model`` level: the layout stays that of the original checkpoint)."""
+    return {f"cond_stage_model.transformer.{k if k.startswith('text_model.') else 'text_model.' + k}": v
+            for k, v in clip.state_dict().items()}
 
 
 # -- A1111 (v1.10): SD 1.5 from its LDM config, SD3 with its own classes ----------------------------------------
@@ -541,7 +548,7 @@ def build_a1111_sd15(a1111_dir: str, out: Path, force: bool) -> None:
     scale_output(vae.decoder.conv_out, lambda: vae.decode(torch.randn(1, 4, 8, 8, generator=g)), target=0.5)
     check_sd15_prompts(hf_clip_encoder(clip), lambda x, t, c: unet(x, t, context=c), vae.decode)
     sd = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
-    sd.update({f"cond_stage_model.transformer.{k}": v for k, v in clip.state_dict().items()})
+    sd.update(hf_clip_checkpoint_keys(clip))
     sd.update({f"first_stage_model.{k}": v for k, v in vae.state_dict().items()})
     save(sd, out, dtype=torch.float16)
 
@@ -644,7 +651,7 @@ def build_forge_sd15(forge_dir: str, out: Path, force: bool) -> None:
     scale_output(vae.decoder.conv_out, lambda: vae.decode(torch.randn(1, 4, 8, 8, generator=g)), target=0.5)
     check_sd15_prompts(hf_clip_encoder(clip), lambda x, t, c: unet(x, t, context=c), vae.decode)
     sd = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
-    sd.update({f"cond_stage_model.transformer.{k}": v for k, v in clip.state_dict().items()})
+    sd.update(hf_clip_checkpoint_keys(clip))
     sd.update({f"first_stage_model.{k}": v for k, v in vae.state_dict().items()})
     save(sd, out, dtype=torch.float16)
     guess = huggingface_guess.guess(dict(sd))
