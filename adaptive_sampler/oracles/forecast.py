@@ -121,7 +121,7 @@ SKIPPED_POWER = 0.5
 
 
 def computed_steps(steps: int, budget: float, warmup: int, sigmas: Sequence[float] = (),
-                   placement: str = "log-sigma") -> frozenset[int]:
+                   placement: str = "log-sigma", carry: int = 0) -> frozenset[int]:
     """The steps a budget computes: warm-up, the last step, and the rest spread as evenly as the schedule's steps
     allow along a :func:`placement_positions` axis (from the last warm-up step to the last step): ``"index"``, or,
     when ``sigmas`` (the run's schedule) is given, ``"step-length"``, ``"log-sigma"``, ``"rho"`` or ``"x0-weight"``
@@ -134,7 +134,9 @@ def computed_steps(steps: int, budget: float, warmup: int, sigmas: Sequence[floa
     computed steps evenly along the axis; above it, it keeps skips apart (one skip between two computed steps costs
     less than two side by side) where the axis is even, and where a schedule crowds steps that barely move (a Karras
     schedule's tail on a flow model) those stay skipped at every budget. No rule switches at any budget (measured:
-    docs/method-notes.md, "Robust plans").
+    docs/method-notes.md, "Robust plans"). ``carry``: how many steps past a stretch its last forecast still acts -
+    1 on multistep solvers (DPM++ 2M / 3M), whose next computed step corrects with the difference to the previous
+    prediction, so a forecast before a long step costs that step's length too.
 
     A run too short for the budget (fewer than ``warmup + 1`` computed steps) still computes the warm-up and the
     last step: forecasting from nothing would be a guess. :class:`Forecast` reports such runs in its overrides.
@@ -144,21 +146,23 @@ def computed_steps(steps: int, budget: float, warmup: int, sigmas: Sequence[floa
     if total >= steps:
         return frozenset(range(steps))
     positions = placement_positions(placement, sigmas, steps)
-    return frozenset(range(warmup)) | {steps - 1} | even_plan(positions, warmup - 1, total - warmup - 1)
+    return frozenset(range(warmup)) | {steps - 1} | even_plan(positions, warmup - 1, total - warmup - 1, carry)
 
 
-def even_plan(positions: Sequence[float], first: int, extra: int) -> set[int]:
+def even_plan(positions: Sequence[float], first: int, extra: int, carry: int = 0) -> set[int]:
     """The ``extra`` steps strictly between step ``first`` and the last step (both computed) that minimise the sum,
-    over consecutive computed steps ``a < b``, of ``(b - a - 1) ** SKIPPED_POWER * (positions[b] - positions[a]) ** 2``
-    (the stretch's length squared, times its count of skipped steps to :data:`SKIPPED_POWER`): an exact dynamic
-    program over (steps chosen, last chosen step), O(extra * steps ** 2) in numpy."""
+    over consecutive computed steps ``a < b``, of ``(b - a - 1) ** SKIPPED_POWER * (positions[b'] - positions[a]) **
+    2`` with ``b' = min(b + carry, last)`` (the stretch's length squared, reaching ``carry`` steps past it, times its
+    count of skipped steps to :data:`SKIPPED_POWER`): an exact dynamic program over (steps chosen, last chosen step),
+    O(extra * steps ** 2) in numpy."""
     last = len(positions) - 1
     if extra <= 0:
         return set()
     p = np.asarray(positions, dtype=np.float64)
     index = np.arange(len(p))
     skipped = (index[None, :] - index[:, None] - 1).clip(min=0)
-    gap = np.triu(skipped ** SKIPPED_POWER * (p[None, :] - p[:, None]) ** 2, k=1)
+    reach = p[np.minimum(index + carry, last)]
+    gap = np.triu(skipped ** SKIPPED_POWER * (reach[None, :] - p[:, None]) ** 2, k=1)
     gap[np.tril_indices(len(p))] = np.inf
     gap[:first] = np.inf  # nothing is chosen before the warm-up ends
     best, choices = gap[first].copy(), []
@@ -257,7 +261,7 @@ class Forecast(Oracle):
                 kind = "a DPM++ SDE sampler" if dpm_solver else "a stochastic sampler"
                 self.overrides.append((0, f"level {self.level!r} spends {budget} of full CFG's NFE on {run.sampler} "
                                           f"({kind}; {level_budget(self.level, False, False)} on deterministic ones)"))
-        self.plan = computed_steps(run.steps, budget, self._warmup, sigmas, placement)
+        self.plan = computed_steps(run.steps, budget, self._warmup, sigmas, placement, carry=int(dpm_solver))
         if len(self.plan) > budget * run.steps + 1e-9:
             self.overrides.append((0, f"budget {budget} raised to {len(self.plan)}/{run.steps} computed steps: "
                                       f"a {run.steps}-step run needs warm-up ({self._warmup}) and the last step"))
