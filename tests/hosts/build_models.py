@@ -29,12 +29,12 @@ intended family.
 (``$X_PYTHON``: the host's interpreter, by default ``$X_DIR/venv/bin/python``.) The suites run these themselves when
 a file they need is missing (``HOST_SUITE_BUILD=0``: they skip instead, naming the command).
 
-Every file is built from fixed seeds; an existing file is kept unless ``--force`` is given. The SD-1.5 checkpoint is
-checked: its CLIP gives finite, bounded hidden states (last and penultimate layer: clip skip 1 and 2) for every
-prompt the suites send, prompt-editing and AND halves included, and plain full-CFG Euler over 12 steps gives a
-finite picture for several of them (a random CLIP whose activations grow layer by layer gives NaN for some prompts
-and not others: a suite must not depend on one lucky prompt). ``sd15 --check-only`` checks an existing checkpoint
-the same way.
+Every file is built from fixed seeds (a Flux file rebuilt with the same host and torch came out byte-identical); an
+existing file is kept unless ``--force`` is given. The SD-1.5 checkpoint is checked: its CLIP gives finite, bounded
+hidden states (last and penultimate layer: clip skip 1 and 2) for every prompt the suites send, prompt-editing and
+AND halves included, and plain full-CFG Euler over 12 steps gives a finite picture for several of them (a random
+CLIP whose activations grow layer by layer gives NaN for some prompts and not others: a suite must not depend on one
+lucky prompt). ``sd15 --check-only`` checks an existing checkpoint the same way.
 """
 
 from __future__ import annotations
