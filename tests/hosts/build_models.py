@@ -522,6 +522,24 @@ def import_a1111(a1111_dir: str) -> Path:
     return root
 
 
+def finish_sd15(unet, vae, clip, out: Path) -> dict:
+    """Randomise an SD 1.5's UNet, VAE and CLIP-L built with a host's classes, scale their outputs, check the prompts
+    the suites send give finite pictures, and save the checkpoint in the original layout; returns its state dict."""
+    randomize(clip, SEEDS["clip-l"])
+    randomize(unet, SEEDS["sd15"])
+    randomize(vae, SEEDS["vae4"])
+    g = torch.Generator().manual_seed(0)
+    scale_output(unet.out[2], lambda: unet(torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500]),
+                                           context=torch.randn(1, 77, 768, generator=g)))
+    scale_output(vae.decoder.conv_out, lambda: vae.decode(torch.randn(1, 4, 8, 8, generator=g)), target=0.5)
+    check_sd15_prompts(hf_clip_encoder(clip), lambda x, t, c: unet(x, t, context=c), vae.decode)
+    sd = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
+    sd.update(hf_clip_checkpoint_keys(clip))
+    sd.update({f"first_stage_model.{k}": v for k, v in vae.state_dict().items()})
+    save(sd, out, dtype=torch.float16)
+    return sd
+
+
 def build_a1111_sd15(a1111_dir: str, out: Path, force: bool) -> None:
     """SD 1.5 from A1111's own LDM config (configs/v1-inference.yaml: its UNet and VAE from the
     stable-diffusion-stability-ai repository A1111 runs) and the CLIP-L text model its FrozenCLIPEmbedder wraps
@@ -539,18 +557,7 @@ def build_a1111_sd15(a1111_dir: str, out: Path, force: bool) -> None:
     unet = instantiate_from_config(params.unet_config).eval()
     vae = instantiate_from_config(params.first_stage_config).eval()
     clip = CLIPTextModel(CLIPTextConfig(**CLIP_L_HF)).eval()
-    randomize(clip, SEEDS["clip-l"])
-    randomize(unet, SEEDS["sd15"])
-    randomize(vae, SEEDS["vae4"])
-    g = torch.Generator().manual_seed(0)
-    scale_output(unet.out[2], lambda: unet(torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500]),
-                                           context=torch.randn(1, 77, 768, generator=g)))
-    scale_output(vae.decoder.conv_out, lambda: vae.decode(torch.randn(1, 4, 8, 8, generator=g)), target=0.5)
-    check_sd15_prompts(hf_clip_encoder(clip), lambda x, t, c: unet(x, t, context=c), vae.decode)
-    sd = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
-    sd.update(hf_clip_checkpoint_keys(clip))
-    sd.update({f"first_stage_model.{k}": v for k, v in vae.state_dict().items()})
-    save(sd, out, dtype=torch.float16)
+    finish_sd15(unet, vae, clip, out)
 
 
 def build_a1111_sd3(a1111_dir: str, out: Path, force: bool) -> None:
@@ -642,18 +649,7 @@ def build_forge_sd15(forge_dir: str, out: Path, force: bool) -> None:
                                              if k in accepted}).eval()
     vae = IntegratedAutoencoderKL.from_config(IntegratedAutoencoderKL.load_config(str(repo / "vae"))).eval()
     clip = CLIPTextModel(CLIPTextConfig.from_pretrained(str(repo / "text_encoder"))).eval()
-    randomize(clip, SEEDS["clip-l"])
-    randomize(unet, SEEDS["sd15"])
-    randomize(vae, SEEDS["vae4"])
-    g = torch.Generator().manual_seed(0)
-    scale_output(unet.out[2], lambda: unet(torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500]),
-                                           context=torch.randn(1, 77, 768, generator=g)))
-    scale_output(vae.decoder.conv_out, lambda: vae.decode(torch.randn(1, 4, 8, 8, generator=g)), target=0.5)
-    check_sd15_prompts(hf_clip_encoder(clip), lambda x, t, c: unet(x, t, context=c), vae.decode)
-    sd = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
-    sd.update(hf_clip_checkpoint_keys(clip))
-    sd.update({f"first_stage_model.{k}": v for k, v in vae.state_dict().items()})
-    save(sd, out, dtype=torch.float16)
+    sd = finish_sd15(unet, vae, clip, out)
     guess = huggingface_guess.guess(dict(sd))
     if type(guess).__name__ != "SD15":
         raise RuntimeError(f"Forge Neo's detection takes {out} for {type(guess).__name__}, not SD15")
